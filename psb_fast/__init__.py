@@ -1,0 +1,8 @@
+"""psb_fast: exact math, fused kernels and few-NFE samplers for Phase Stochastic Bridges (AGM)."""
+
+from .bridge import Coefficients, PhaseBridge
+from .sample_bridge import bridge_sample
+from .stepping import phase_hop, phase_step, sde_step
+
+__all__ = ["Coefficients", "PhaseBridge", "bridge_sample", "phase_hop", "phase_step", "sde_step"]
+__version__ = "0.1.0"

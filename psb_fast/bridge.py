@@ -61,7 +61,7 @@ def check_t(t: torch.Tensor | float, name: str = "t") -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         if isinstance(t, bool) or not isinstance(t, (int, float)):
             raise TypeError(f"{name} must be a float or a tensor, got {type(t).__name__}")
-        t = torch.tensor(float(t))
+        t = torch.tensor(float(t), dtype=torch.float64)
     if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"{name} must be a real tensor, got dtype {t.dtype}")
     t64 = t.detach().to(torch.float64)
@@ -72,13 +72,17 @@ def check_t(t: torch.Tensor | float, name: str = "t") -> torch.Tensor:
     return t64
 
 
-def _evaluate(terms: dict[tuple[int, int], float], tau: torch.Tensor, L: torch.Tensor):
-    """sum C_jb tau^j L^b as tau^jmin * (sum C_jb tau^(j - jmin) L^b): no underflow, no cancellation."""
-    jmin = min(j for j, _ in terms)
-    acc = torch.zeros_like(tau)
+def _evaluate(terms: dict[tuple[int, int], float], z: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """sum_jb C_jb z^j L^b for an exact expansion in z (tau or t) and L = log(tau)."""
+    acc = torch.zeros_like(z)
     for (j, b), coef in terms.items():
-        acc = acc + coef * tau ** (j - jmin) * L**b
-    return acc, jmin
+        acc = acc + coef * z**j * L**b
+    return acc
+
+
+# Below this t the expansion in t is used, above it the expansion in tau: each is free of
+# cancellation on its side (det Sigma -> det Sigma0 as t -> 0, det ~ tau^5 as t -> 1).
+T_SWITCH = 0.5
 
 
 class PhaseBridge:
@@ -115,9 +119,11 @@ class PhaseBridge:
         self.p, self.k, self.mode = float(p), float(k), mode
         self.varx, self.varv = float(varx), float(varv)
         self.c = self.k * math.sqrt(self.varx * self.varv)
-        polys = covariance_polys()
         args = (self.varx, self.varv, self.c, self.p**2)
-        self._terms = {name: collapse(poly, *args) for name, poly in polys.items()}
+        self._terms = {
+            variable: {name: collapse(poly, *args) for name, poly in covariance_polys(variable).items()}
+            for variable in ("tau", "t")
+        }
 
     def __repr__(self) -> str:
         return (
@@ -137,23 +143,23 @@ class PhaseBridge:
         t = check_t(t)
         tau = 1.0 - t
         L = torch.log(tau)
-        terms = self._terms
+        near_zero = t < T_SWITCH
 
         def expanded(name: str) -> torch.Tensor:
-            acc, jmin = _evaluate(terms[name], tau, L)
-            return acc * tau**jmin
+            return torch.where(
+                near_zero,
+                _evaluate(self._terms["t"][name], t, L),
+                _evaluate(self._terms["tau"][name], tau, L),
+            )
 
         sxx, sxv, svv = expanded("sxx"), expanded("sxv"), expanded("svv")
-        # Lvv^2 = det / Sxx with both expanded exactly: det ~ tau^5, Sxx ~ tau^2 (SPEC §1 trap).
-        det_r, det_j = _evaluate(terms["det"], tau, L)
-        sxx_r, sxx_j = _evaluate(terms["sxx"], tau, L)
-        lvv = torch.sqrt(det_r / sxx_r) * tau ** ((det_j - sxx_j) / 2)
+        # Lvv^2 = det / Sxx with det expanded exactly (det ~ tau^5 as t -> 1: SPEC §1 trap).
+        lvv = torch.sqrt(expanded("det") / sxx)
         lxx = torch.sqrt(sxx)
         lxv = sxv / lxx
         ell = -1.0 / lvv
         # AA = (Sxx + tau Sxv) / (tau Lxx), the numerator expanded exactly (~ tau^5 log tau).
-        aa_num = expanded("aa_num")
-        AA = aa_num / (tau * lxx)
+        AA = expanded("aa_num") / (tau * lxx)
         g = self.p * tau
         P = 4.0 / tau
         t2 = t * t

@@ -80,16 +80,26 @@ class Poly:
         return out
 
 
-@lru_cache(maxsize=1)
-def covariance_polys() -> dict[str, Poly]:
+@lru_cache(maxsize=2)
+def covariance_polys(variable: str = "tau") -> dict[str, Poly]:
     """SPEC §1 closed forms of Sxx, Sxv, Svv and the derived exact expansions.
 
+    variable: "tau" expands in powers of tau = 1 - t (exact cancellation as t -> 1);
+    "t" expands in powers of t (exact cancellation as t -> 0, e.g. det Sigma0 when p^2 is
+    much larger than it). The expansion variable sits in the tau slot of the exponents.
     Returns polys for "sxx", "sxv", "svv", "det" (= Sxx Svv - Sxv^2) and
     "aa_num" (= Sxx + tau Sxv, so that AA = Lxx/tau + Lxv = aa_num / (tau Lxx)).
     """
+    if variable not in ("tau", "t"):
+        raise ValueError(f"variable must be 'tau' or 't', got {variable!r}")
     varx, varv, c, p2 = (Poly.var(i) for i in (_VARX, _VARV, _C, _P2))
-    tau, L = Poly.var(_TAU), Poly.var(_L)
-    t = 1 - tau
+    L = Poly.var(_L)
+    if variable == "tau":
+        tau = Poly.var(_TAU)
+        t = 1 - tau
+    else:
+        t = Poly.var(_TAU)
+        tau = 1 - t
     sxx = tau**2 * (
         30 * varx * (t**3 - 3 * t**2 + 3 * t + 3) ** 2
         - 60 * p2 * (t - 1) ** 3 * L
@@ -130,7 +140,7 @@ def covariance_polys() -> dict[str, Poly]:
 def collapse(
     poly: Poly, varx: float, varv: float, c: float, p2: float
 ) -> dict[tuple[int, int], float]:
-    """Bind the parameters: {(tau power, L power): float coefficient}, zero terms dropped."""
+    """Bind the parameters: {(variable power, L power): float coefficient}, zero terms dropped."""
     params = (Fraction(varx), Fraction(varv), Fraction(c), Fraction(p2))
     out: dict[tuple[int, int], Fraction] = {}
     for k, v in poly.terms.items():

@@ -1,0 +1,101 @@
+"""Shared timing and roofline helpers for the kernel benchmarks (SPEC §5).
+
+    median_time(fn, warmup, reps, sync)   median seconds per call
+    interleaved_medians(fns, ...)         the same for several callables, run in turn (fair under load)
+    copy_bandwidth(device)                measured device copy bandwidth, bytes/s (read + write)
+    format_row(...) / TABLE_HEADER        one markdown table row per measurement; the rows of
+                                          every benchmark script are merged by gpu_check.sh
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+TABLE_HEADER = (
+    "| op | impl | dtype | elements | median (us) | GB/s | of copy BW |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+def synchronizer(device: torch.device | str) -> Callable[[], None]:
+    """A function that waits for all work queued on `device` (a no-op on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _sample(fn: Callable[[], object], sync: Callable[[], None], inner: int) -> float:
+    """Seconds per call of `fn`, averaged over `inner` back-to-back calls."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / inner
+
+
+def median_time(
+    fn: Callable[[], object],
+    warmup: int = 3,
+    reps: int = 10,
+    sync: Callable[[], None] = lambda: None,
+    inner: int = 1,
+) -> float:
+    """Median over `reps` samples of the seconds one call of `fn` takes.
+
+    Each sample runs `fn` `inner` times between two `sync()` calls (use inner > 1 to amortize the
+    synchronization for microsecond GPU kernels). `warmup` untimed calls come first.
+    """
+    for _ in range(warmup):
+        fn()
+    return statistics.median(_sample(fn, sync, inner) for _ in range(reps))
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]],
+    warmup: int = 3,
+    reps: int = 10,
+    sync: Callable[[], None] = lambda: None,
+    inner: int = 1,
+) -> dict[str, float]:
+    """median_time for several callables, sampled in turn so that load drifts hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            samples[name].append(_sample(fn, sync, inner))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Bytes/s of a large same-device tensor copy, counting the bytes read and written (2 nbytes)."""
+    device = torch.device(device)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), warmup=2, reps=reps, sync=synchronizer(device))
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def format_row(
+    op: str,
+    impl: str,
+    dtype: torch.dtype,
+    numel: int,
+    seconds: float,
+    bytes_moved: int,
+    copy_bw: float,
+) -> str:
+    """A TABLE_HEADER row: achieved GB/s = bytes_moved / seconds, and its fraction of copy_bw."""
+    bw = bytes_moved / seconds
+    name = str(dtype).removeprefix("torch.")
+    return (
+        f"| {op} | {impl} | {name} | {numel:,} | {seconds * 1e6:,.1f} | {bw / 1e9:,.2f} | "
+        f"{bw / copy_bw:.0%} |"
+    )

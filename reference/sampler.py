@@ -1,0 +1,130 @@
+"""Plain-PyTorch reference samplers (SPEC §3): slow, float64, obviously right. The oracle.
+
+Each sampler is a flat loop over a time grid: `model(m, t) -> F` with m = [x | v]
+([B, 2C, ...], in m0's dtype) and t a [B] tensor; the state is kept in float64.
+With hop=True the grid ends at T and the output is the hop estimate of x1 at T; with
+hop=False one more step runs from T to t_end and the output is x(t_end).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from psb_fast.bridge import PhaseBridge, split_phase
+from psb_fast.multistep import multistep_coefficients
+
+from . import steps
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+T_END = 0.999
+
+
+def _evaluate(model: Model, x: torch.Tensor, v: torch.Tensor, t: float, dtype: torch.dtype):
+    """F(m, t) for the float64 state (x, v), the model called in `dtype`."""
+    m = torch.cat([x, v], dim=1).to(dtype)
+    tt = torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
+    F = model(m, tt)
+    if F.shape != x.shape:
+        raise ValueError(f"model output at t={t} must have shape {tuple(x.shape)}, got {tuple(F.shape)}")
+    return F.double()
+
+
+def _finish(bridge: PhaseBridge, x, v, F, T: float, hop: bool, dtype: torch.dtype) -> torch.Tensor:
+    if hop:
+        return bridge.estimate_x1(torch.cat([x, v], dim=1), F, T).to(dtype)
+    return x.to(dtype)
+
+
+def sample_ode(
+    model: Model, m0: torch.Tensor, bridge: PhaseBridge, grid: torch.Tensor, order: int = 2,
+    hop: bool = True, t_end: float = T_END, progress: bool = False, callback=None,
+) -> torch.Tensor:
+    """Exponential multistep probability-flow ODE sampler of order `order` (0..3), NFE = len(grid)."""
+    if bridge.mode != "probODE":
+        raise ValueError(f"sample_ode needs a probODE bridge, got mode={bridge.mode!r}")
+    co = multistep_coefficients(bridge, grid, order, None if hop else t_end)
+    x, v = (a.double() for a in split_phase(m0))
+    history: list[torch.Tensor] = []
+    n = len(grid)
+    for i in tqdm(range(n), disable=not progress, desc="sample_ode"):
+        t = float(grid[i])
+        F = _evaluate(model, x, v, t, m0.dtype)
+        history = [F] + history[:order]
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "v": v, "F": F})
+        if hop and i == n - 1:
+            break
+        q = min(i, order)
+        # SPEC §3: x += h v + sum_j Cx_{i,j} F_{i-j};  v += sum_j Cv_{i,j} F_{i-j}.
+        x, v = steps.ode_step(x, v, float(co.h[i]), co.Cx[i, : q + 1].tolist(),
+                              co.Cv[i, : q + 1].tolist(), history[: q + 1])
+    return _finish(bridge, x, v, F, float(grid[-1]), hop, m0.dtype)
+
+
+def _sde_times(grid: torch.Tensor, hop: bool, t_end: float) -> list[tuple[float, float]]:
+    times = grid.tolist()
+    ends = times[1:] + ([] if hop else [t_end])
+    return list(zip(times[: len(ends)], ends, strict=True))
+
+
+def _check_sde(bridge: PhaseBridge) -> None:
+    if bridge.mode != "SDE":
+        raise ValueError(f"SDE samplers need an SDE bridge, got mode={bridge.mode!r}")
+
+
+def sample_sde_exact(
+    model: Model, m0: torch.Tensor, bridge: PhaseBridge, grid: torch.Tensor, hop: bool = True,
+    t_end: float = T_END, generator: torch.Generator | None = None, progress: bool = False,
+) -> torch.Tensor:
+    """Exact-noise exponential SDE step: m <- Phi(h) m + (Cx, Cv) F + chol(Q(t, h)) xi."""
+    _check_sde(bridge)
+    co = multistep_coefficients(bridge, grid, 0, None if hop else t_end)
+    x, v = (a.double() for a in split_phase(m0))
+    for i, (t, _) in enumerate(tqdm(_sde_times(grid, hop, t_end), disable=not progress)):
+        F = _evaluate(model, x, v, t, m0.dtype)
+        xi_x, xi_v = _noise(x, generator)
+        x, v = steps.exact_noise_step(x, v, bridge.p, t, float(co.h[i]), float(co.Cx[i, 0]),
+                                      float(co.Cv[i, 0]), F, xi_x, xi_v)
+    F = _evaluate(model, x, v, float(grid[-1]), m0.dtype) if hop else None
+    return _finish(bridge, x, v, F, float(grid[-1]), hop, m0.dtype)
+
+
+def sample_em(
+    model: Model, m0: torch.Tensor, bridge: PhaseBridge, grid: torch.Tensor, hop: bool = True,
+    t_end: float = T_END, generator: torch.Generator | None = None, progress: bool = False,
+) -> torch.Tensor:
+    """Euler-Maruyama: x += h v; v += h N(t) F + g(t) sqrt(h) xi."""
+    _check_sde(bridge)
+    x, v = (a.double() for a in split_phase(m0))
+    for t, t_next in tqdm(_sde_times(grid, hop, t_end), disable=not progress):
+        F = _evaluate(model, x, v, t, m0.dtype)
+        N = float(bridge.coefficients(t).normalizer)
+        x, v = steps.em_step(x, v, bridge.p, t, t_next - t, N, F, _noise(x, generator)[1])
+    F = _evaluate(model, x, v, float(grid[-1]), m0.dtype) if hop else None
+    return _finish(bridge, x, v, F, float(grid[-1]), hop, m0.dtype)
+
+
+def sample_sscs(
+    model: Model, m0: torch.Tensor, bridge: PhaseBridge, grid: torch.Tensor, hop: bool = True,
+    t_end: float = T_END, generator: torch.Generator | None = None, progress: bool = False,
+) -> torch.Tensor:
+    """Compat symmetric splitting: half step (s = h/2), v += h N F at the midpoint, half step."""
+    _check_sde(bridge)
+    x, v = (a.double() for a in split_phase(m0))
+    for t, t_next in tqdm(_sde_times(grid, hop, t_end), disable=not progress):
+        h = t_next - t
+        s = 0.5 * h
+        x, v = steps.sscs_half_step(x, v, bridge.p, t, s, *_noise(x, generator))
+        F = _evaluate(model, x, v, t + s, m0.dtype)
+        v = v + h * float(bridge.coefficients(t + s).normalizer) * F
+        x, v = steps.sscs_half_step(x, v, bridge.p, t + s, s, *_noise(x, generator))
+    F = _evaluate(model, x, v, float(grid[-1]), m0.dtype) if hop else None
+    return _finish(bridge, x, v, F, float(grid[-1]), hop, m0.dtype)
+
+
+def _noise(x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    xi = torch.randn((2, *x.shape), generator=generator, dtype=torch.float64, device=x.device)
+    return xi[0], xi[1]
