@@ -1,0 +1,105 @@
+"""Sampling time grids (reference/grids.py, SPEC §3): rev-quad and uniform."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from psb_fast.reference.grids import rev_quad_grid, uniform_grid
+
+GRIDS = (rev_quad_grid, uniform_grid)
+
+
+def _spec_rev_quad(n: int, t0: float, T: float) -> list[float]:
+    """SPEC §3, q = 2, in plain Python floats: t_i = (sqrt(t0) + i/(n-1) (sqrt(T) - sqrt(t0)))^2."""
+    a, b = math.sqrt(t0), math.sqrt(T)
+    return [(a + i / (n - 1) * (b - a)) ** 2 for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 10, 20, 101])
+@pytest.mark.parametrize(("t0", "T"), [(1e-5, 0.999), (1e-5, 0.7), (0.0, 0.4), (0.1, 0.9)])
+def test_rev_quad_matches_spec_formula(n, t0, T):
+    grid = rev_quad_grid(n, t0, T)
+    assert grid.dtype == torch.float64 and grid.shape == (n,)
+    # Endpoints exactly, interior to rounding.
+    assert grid[0].item() == t0 and grid[-1].item() == T
+    want = torch.tensor(_spec_rev_quad(n, t0, T), dtype=torch.float64)
+    torch.testing.assert_close(grid, want, rtol=1e-14, atol=1e-16)
+    assert bool((grid[1:] > grid[:-1]).all())
+
+
+def test_rev_quad_default_arguments():
+    grid = rev_quad_grid(10)
+    assert grid[0].item() == 1e-5 and grid[-1].item() == 0.999
+    torch.testing.assert_close(grid, torch.tensor(_spec_rev_quad(10, 1e-5, 0.999), dtype=torch.float64))
+
+
+def test_rev_quad_steps_grow():
+    """q = 2 puts small steps at the start: the steps increase (sqrt-spacing is uniform)."""
+    grid = rev_quad_grid(20, 1e-5, 0.999)
+    h = grid.diff()
+    assert bool((h[1:] > h[:-1]).all())
+    step = (math.sqrt(0.999) - math.sqrt(1e-5)) / 19
+    torch.testing.assert_close(grid.sqrt().diff(), torch.full((19,), step, dtype=torch.float64),
+                               rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("q", [0.5, 1.0, 3.0])
+def test_rev_quad_other_orders(q):
+    n, t0, T = 7, 0.01, 0.95
+    grid = rev_quad_grid(n, t0, T, q=q)
+    a, b = t0 ** (1 / q), T ** (1 / q)
+    want = torch.tensor([(a + i / (n - 1) * (b - a)) ** q for i in range(n)], dtype=torch.float64)
+    torch.testing.assert_close(grid, want, rtol=1e-14, atol=0.0)
+    assert grid[0].item() == t0 and grid[-1].item() == T
+    assert bool((grid.diff() > 0).all())
+    if q == 1.0:
+        torch.testing.assert_close(grid, uniform_grid(n, t0, T), rtol=1e-14, atol=1e-16)
+
+
+@pytest.mark.parametrize("n", [2, 5, 11])
+def test_uniform(n):
+    grid = uniform_grid(n, 0.02, 0.9)
+    assert grid.dtype == torch.float64 and grid.shape == (n,)
+    assert grid[0].item() == 0.02 and grid[-1].item() == pytest.approx(0.9, abs=1e-15)
+    want = torch.tensor([0.02 + i * (0.9 - 0.02) / (n - 1) for i in range(n)], dtype=torch.float64)
+    torch.testing.assert_close(grid, want, rtol=1e-14, atol=1e-16)
+    torch.testing.assert_close(grid.diff(), torch.full((n - 1,), (0.9 - 0.02) / (n - 1), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fn", GRIDS)
+def test_single_point(fn):
+    grid = fn(1, 0.3, 0.7)
+    assert grid.dtype == torch.float64
+    assert grid.tolist() == [0.3]
+
+
+@pytest.mark.parametrize("fn", GRIDS)
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        ((0, 1e-5, 0.9), "n"),
+        ((-3, 1e-5, 0.9), "n"),
+        ((True, 1e-5, 0.9), "n"),
+        ((2.0, 1e-5, 0.9), "n"),
+        ((5, 0.5, 0.5), "T"),
+        ((5, 0.6, 0.5), "T"),
+        ((5, 1e-5, 1.0), "T"),
+        ((5, 1e-5, 1.5), "T"),
+        ((5, -0.1, 0.5), "t0"),
+        ((5, float("nan"), 0.5), "t0"),
+        ((5, 1e-5, float("nan")), "T"),
+        ((5, 1e-5, float("inf")), "T"),
+    ],
+)
+def test_validation(fn, args, name):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        fn(*args)
+
+
+@pytest.mark.parametrize("q", [0.0, -1.0, float("nan"), float("inf")])
+def test_rev_quad_bad_q(q):
+    with pytest.raises(ValueError, match=r"\bq\b"):
+        rev_quad_grid(5, 1e-5, 0.9, q=q)

@@ -1,0 +1,168 @@
+"""PhaseSampler: published-algorithm compatibility, solvers, trajectory, conditioning, errors."""
+
+import math
+
+import pytest
+import torch
+
+import psb_fast
+from psb_fast import PhaseBridge, PhaseSampler
+from psb_fast.oracles import mixture_2d_grid, ode_solution
+from psb_fast.reference.grids import rev_quad_grid
+from psb_fast.reference.sampler import sample_ode
+
+torch.set_num_threads(1)
+BACKENDS = ["cpu", "reference", "triton"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    bridge = PhaseBridge()
+    mix = mixture_2d_grid()
+    m0 = bridge.sample_prior((128, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    return bridge, mix, m0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("nfe", "T"), [(5, 0.4), (10, 0.7), (20, 0.9)])
+def test_published_settings_match_reference(setup, backend, nfe, T):
+    """order 2, rev-quad, hop at the published T: equals the reference algorithm to 1e-4."""
+    bridge, mix, m0 = setup
+    model = mix.as_model(bridge)
+    out = PhaseSampler(bridge, nfe, T=T, order=2, grid="rev-quad", backend=backend).sample(model, m0)
+    ref = sample_ode(model, m0, bridge, rev_quad_grid(nfe, 1e-5, T), 2, hop=True)
+    assert out.dtype == m0.dtype and out.shape == (128, 2)
+    assert (out.double() - ref.double()).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+def test_no_hop_matches_reference_every_order(setup, order):
+    bridge, mix, m0 = setup
+    model = mix.as_model(bridge)
+    out = PhaseSampler(bridge, 12, T=0.95, order=order, hop=False, backend="cpu").sample(model, m0)
+    ref = sample_ode(model, m0, bridge, rev_quad_grid(12, 1e-5, 0.95), order, hop=False)
+    assert (out.double() - ref.double()).abs().max() < 1e-4
+
+
+def test_defaults_are_published_and_accurate(setup):
+    """None settings take the published T/order/grid; the result tracks the exact flow."""
+    bridge, mix, m0 = setup
+    sampler = PhaseSampler(bridge, nfe=20)
+    assert (sampler.T, sampler.order, sampler.grid_kind) == (0.9, 2, "rev-quad")
+    assert PhaseSampler(bridge, nfe=10).T == 0.7 and PhaseSampler(bridge, nfe=5).T == 0.4
+    m64 = m0.double()
+    mT = ode_solution(mix, bridge, m64, 1e-5, 0.9)
+    exact = bridge.estimate_x1(mT, mix.drift(bridge, mT, 0.9), 0.9)
+    out = sampler.sample(mix.as_model(bridge), m64)
+    assert out.dtype == torch.float64
+    assert float((out - exact).pow(2).mean().sqrt()) < 0.05
+
+
+def test_model_called_nfe_times_with_row_times(setup):
+    bridge, mix, m0 = setup
+    calls = []
+
+    def model(m, t):
+        calls.append(t)
+        assert t.shape == (m.shape[0],) and t.dtype == m.dtype and t.device == m.device
+        return mix.as_model(bridge)(m, t)
+
+    PhaseSampler(bridge, 7).sample(model, m0)
+    assert len(calls) == 7
+    expected = rev_quad_grid(7, 1e-5, PhaseSampler(bridge, 7).T).tolist()
+    assert [float(t[0]) for t in calls] == pytest.approx(expected)
+
+
+def test_trajectory_and_callback(setup):
+    bridge, mix, m0 = setup
+    seen = []
+    x1, traj = PhaseSampler(bridge, 10).sample(
+        mix.as_model(bridge), m0, return_trajectory=True, callback=lambda d: seen.append(d["i"])
+    )
+    assert seen == list(range(10)) and len(traj) == 10
+    assert traj[-1]["t"] == pytest.approx(0.7)
+    assert torch.allclose(traj[-1]["x1_hat"], x1, atol=1e-6)
+    assert all(s["x"].shape == (128, 2) and s["v"].shape == (128, 2) for s in traj)
+    assert not torch.equal(traj[0]["x"], traj[-1]["x"])
+
+
+def test_cond_is_passed_through(setup):
+    bridge, mix, m0 = setup
+    labels = torch.arange(m0.shape[0])
+    got = []
+
+    def model(m, t, cond):
+        got.append(cond)
+        return torch.zeros(m.shape[0], m.shape[1] // 2, dtype=m.dtype)
+
+    PhaseSampler(bridge, 3).sample(model, m0, cond=labels)
+    assert len(got) == 3 and all(c is labels for c in got)
+
+
+@pytest.mark.parametrize("solver", ["sde", "em", "sscs"])
+def test_sde_solvers_reproduce_mixture(solver):
+    """SDE model with its exact drift: the output's per-mode means sit on the mixture's modes."""
+    bridge = PhaseBridge(mode="SDE")
+    mix = mixture_2d_grid()
+    m0 = bridge.sample_prior((1000, 2), generator=torch.Generator().manual_seed(1))
+    out = PhaseSampler(bridge, 100, solver=solver, hop=False, T=0.99).sample(mix.as_model(bridge), m0, seed=3)
+    nearest = torch.cdist(out.double(), mix.means).argmin(1)
+    frac = torch.bincount(nearest, minlength=mix.n_components).double() / len(out)
+    se = torch.sqrt(mix.weights * (1 - mix.weights) / len(out))
+    assert ((frac - mix.weights).abs() < 5 * se + 0.02).all(), (frac, mix.weights)
+    for k in range(mix.n_components):
+        pts = out.double()[nearest == k]
+        assert (pts.mean(0) - mix.means[k]).abs().max() < 0.1
+
+
+def test_sde_seed_determinism():
+    bridge = PhaseBridge(mode="SDE")
+    mix = mixture_2d_grid()
+    m0 = bridge.sample_prior((64, 2), generator=torch.Generator().manual_seed(1))
+    s = PhaseSampler(bridge, 8, solver="sde")
+    a, b, c = (s.sample(mix.as_model(bridge), m0, seed=sd) for sd in (5, 5, 6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"nfe": 0}, "nfe"),
+        ({"nfe": 2.5}, "nfe"),
+        ({"T": 1.0}, "T"),
+        ({"T": 1e-6}, "T"),
+        ({"T": math.nan}, "T"),
+        ({"order": 4}, "order"),
+        ({"solver": "heun"}, "solver"),
+        ({"grid": "cosine"}, "grid"),
+        ({"backend": "cuda"}, "backend"),
+        ({"solver": "sde"}, "mode"),
+        ({"hop": False, "T": 0.9995}, "T"),
+    ],
+)
+def test_bad_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PhaseSampler(PhaseBridge(), **kwargs)
+
+
+def test_bad_m0_and_bad_model_output(setup):
+    bridge, mix, m0 = setup
+    sampler = PhaseSampler(bridge, 5)
+    with pytest.raises(ValueError, match="m0"):
+        sampler.sample(mix.as_model(bridge), m0[:, :3])
+    with pytest.raises(TypeError, match="m0"):
+        sampler.sample(mix.as_model(bridge), m0.to(torch.int64))
+    with pytest.raises(ValueError, match=r"step 0 \(t=1e-05\).*shape"):
+        sampler.sample(lambda m, t: torch.zeros(m.shape[0], 3), m0)
+
+    def nan_at_step_2(m, t):
+        F = mix.as_model(bridge)(m, t)
+        return F * math.nan if float(t[0]) > 0.05 else F
+
+    t2 = float(sampler.grid[2])
+    with pytest.raises(ValueError, match=rf"step 2 \(t={t2:.6g}\).*NaN"):
+        sampler.sample(nan_at_step_2, m0)
+
+
+def test_public_names():
+    assert psb_fast.PhaseSampler is PhaseSampler and callable(psb_fast.bridge_sample)
