@@ -11,11 +11,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mp_oracle import coefficients_mp
 from scipy.integrate import solve_ivp
 
 from psb_fast.bridge import PhaseBridge
 from psb_fast.reference.bridge import bridge_sample_reference
+from psb_fast.reference.high_precision import coefficients_mp
 
 EPS = float(np.finfo(np.float64).eps)
 #: Parameter sets (p, k, varx, varv): the default, then strong negative and positive correlation.

@@ -8,7 +8,6 @@ import mpmath as mp
 import numpy as np
 import pytest
 import torch
-from mp_oracle import sigma_mp
 from scipy.integrate import quad
 
 from psb_fast.bridge import PhaseBridge
@@ -19,6 +18,7 @@ from psb_fast.oracles import (
     mixture_random,
     ode_solution,
 )
+from psb_fast.reference.high_precision import sigma_mp
 
 N_SE = 5.0  # statistical checks: |estimate - truth| <= 5 standard errors
 #: 1-D, two components of different weight and width.
@@ -135,6 +135,11 @@ def test_oracle_matches_50_digit_reference(mode: str) -> None:
     (where E[f | m] ~ tau^2 is a tiny difference of O(1) terms in the naive form)."""
     bridge = PhaseBridge(mode=mode)
     mixture = GaussianMixture(MEANS_2D, STDS_1D, WEIGHTS_1D)
+    with mp.workdps(50):
+        _check_against_mp(bridge, mixture)
+
+
+def _check_against_mp(bridge: PhaseBridge, mixture: GaussianMixture) -> None:
     for tau in [1.0, 0.5, 1e-1, 1e-2, 1e-3, 1e-5]:
         t = 1.0 - tau
         for i in range(len(STATES)):
