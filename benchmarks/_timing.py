@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -99,3 +100,27 @@ def format_row(
         f"| {op} | {impl} | {name} | {numel:,} | {seconds * 1e6:,.1f} | {bw / 1e9:,.2f} | "
         f"{bw / copy_bw:.0%} |"
     )
+
+
+def print_cuda_table(copy_bw: float, rows: list[str]) -> None:
+    """The device line, then the benchmark rows under TABLE_HEADER."""
+    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy_bw / 1e9:,.0f} GB/s (read + write)")
+    print(TABLE_HEADER)
+    print("\n".join(rows))
+
+
+def run_cli(
+    doc: str, bench_cpu: Callable[[int, int], None], bench_cuda: Callable[[int, int], None], cpu_reps: int
+) -> None:
+    """The command line shared by the bench_<op>.py scripts: --device cpu|cuda, --reps, --warmup."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--reps", type=int, help=f"timed samples per case (default {cpu_reps} cpu, 20 cuda)")
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device")
+        bench_cuda(args.reps or 20, args.warmup)
+    else:
+        bench_cpu(args.reps or cpu_reps, args.warmup)

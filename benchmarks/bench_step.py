@@ -16,7 +16,6 @@ Achieved GB/s is reported against the measured copy bandwidth.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -26,6 +25,8 @@ from _timing import (
     copy_bandwidth,
     format_row,
     interleaved_medians,
+    print_cuda_table,
+    run_cli,
     synchronizer,
 )
 
@@ -193,32 +194,14 @@ def bench_cuda(reps: int, warmup: int) -> None:
     """triton vs eager vs torch.compile of the reference formulation, >= 8M elements."""
     copy_bw = copy_bandwidth("cuda")
     compiled = torch.compile(reference_formulation, dynamic=False)
-    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy_bw / 1e9:,.0f} GB/s (read + write)")
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for shape in CUDA_SHAPES:
             for q in (1, ORDER2):
                 rows += cuda_step_rows(compiled, shape, dtype, q, reps, warmup, copy_bw)
             rows += cuda_hop_rows(shape, dtype, reps, warmup, copy_bw)
-    print(TABLE_HEADER)
-    print("\n".join(rows))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--reps", type=int, help="timed samples per case (default 15 cpu, 20 cuda)")
-    parser.add_argument("--warmup", type=int, default=2)
-    args = parser.parse_args()
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA device")
-        bench_cuda(args.reps or 20, args.warmup)
-    else:
-        bench_cpu(args.reps or 15, args.warmup)
+    print_cuda_table(copy_bw, rows)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(__doc__, bench_cpu, bench_cuda, cpu_reps=15)
