@@ -51,15 +51,6 @@ def _panels(u_a: float, u_b: float) -> list[tuple[float, float]]:
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 
-def _lagrange(s: torch.Tensor, nodes: list[float], j: int) -> torch.Tensor:
-    """l_j(s) = prod_{k != j} (s - nodes[k]) / (nodes[j] - nodes[k])."""
-    out = torch.ones_like(s)
-    for k, tk in enumerate(nodes):
-        if k != j:
-            out = out * (s - tk) / (nodes[j] - tk)
-    return out
-
-
 def multistep_coefficients(
     bridge: PhaseBridge, grid: torch.Tensor, order: int, t_end: float | None = None
 ) -> MultistepCoefficients:
@@ -76,6 +67,11 @@ def multistep_coefficients(
     ends = times[1:] + ([float(t_end)] if t_end is not None else [])
     if t_end is not None and not times[-1] < t_end < 1:
         raise ValueError(f"t_end must be in (T, 1) = ({times[-1]}, 1), got {t_end}")
+    S = len(ends)
+    if S == 0:  # a one-point grid with the hop: no step to take
+        none = torch.zeros(0, dtype=torch.float64)
+        empty = torch.zeros(0, order + 1, dtype=torch.float64)
+        return MultistepCoefficients(t=none, h=none.clone(), Cx=empty, Cv=empty.clone())
     xg, wg = _gauss_legendre(GL_NODES)
     # Gather every quadrature node of every step, then one coefficients() call.
     step_u, step_w, owner = [], [], []
@@ -91,18 +87,23 @@ def multistep_coefficients(
     s = -torch.expm1(-u)
     # ds = (1 - s) du; weight of the node for the integral of N(s) (.) ds.
     weight = w * bridge.coefficients(s).normalizer * torch.exp(-u)
-    S = len(ends)
-    Cx = torch.zeros(S, order + 1, dtype=torch.float64)
-    Cv = torch.zeros(S, order + 1, dtype=torch.float64)
-    for i in range(S):
-        sel = idx == i
-        si, wi = s[sel], weight[sel]
-        q = min(i, order)
-        nodes = [times[i - k] for k in range(q + 1)]
-        for j in range(q + 1):
-            lw = _lagrange(si, nodes, j) * wi
-            Cv[i, j] = lw.sum()
-            Cx[i, j] = ((ends[i] - si) * lw).sum()
+    # Lagrange basis l_{i,j}(s) at every node, all steps at once: [nodes, order + 1].
+    times_t = torch.tensor(times, dtype=torch.float64)
+    q = torch.clamp(idx, max=order)  # history length per node's step
+    basis = torch.zeros(len(s), order + 1, dtype=torch.float64)
+    for j in range(order + 1):
+        lj = torch.ones_like(s)
+        for k in range(order + 1):
+            if k == j:
+                continue
+            active = (j <= q) & (k <= q)
+            tj, tk = times_t[(idx - j).clamp(min=0)], times_t[(idx - k).clamp(min=0)]
+            lj = torch.where(active, lj * (s - tk) / torch.where(active, tj - tk, 1.0), lj)
+        basis[:, j] = torch.where(j <= q, lj, 0.0)
+    lw = basis * weight.unsqueeze(1)
+    end = torch.tensor(ends, dtype=torch.float64)[idx]
+    Cv = torch.zeros(S, order + 1, dtype=torch.float64).index_add_(0, idx, lw)
+    Cx = torch.zeros(S, order + 1, dtype=torch.float64).index_add_(0, idx, (end - s).unsqueeze(1) * lw)
     t = torch.tensor(times[:S], dtype=torch.float64)
     h = torch.tensor(ends, dtype=torch.float64) - t
     return MultistepCoefficients(t=t, h=h, Cx=Cx, Cv=Cv)

@@ -22,7 +22,7 @@ from .reference.grids import rev_quad_grid, uniform_grid
 from .stepping import phase_hop, phase_step, sde_step
 
 SOLVERS = ("ode", "sde", "em", "sscs")
-GRIDS = ("rev-quad", "uniform")
+GRIDS = ("rev-quad", "uniform", "power-<q>")
 T_END = 0.999
 # Published settings (AGM, CIFAR-10 with hop): NFE -> T; order 2 on the rev-quad grid.
 PUBLISHED_T = {5: 0.4, 10: 0.7, 20: 0.9}
@@ -46,12 +46,23 @@ def published_T(nfe: int) -> float:
 
 
 def make_grid(kind: str, nfe: int, t0: float, T: float) -> torch.Tensor:
-    """The NFE evaluation times, float64 [nfe]: "rev-quad" (q = 2) or "uniform"."""
+    """The NFE evaluation times, float64 [nfe].
+
+    kind: "rev-quad" (the published grid, power 2), "uniform", or "power-<q>" for the power
+    grid t_i = (t0^(1/q) + i/(n-1) (T^(1/q) - t0^(1/q)))^q of any order q > 0 (e.g. "power-2.5").
+    """
     if kind == "rev-quad":
         return rev_quad_grid(nfe, t0, T, 2.0)
     if kind == "uniform":
         return uniform_grid(nfe, t0, T)
-    raise ValueError(f"grid must be one of {GRIDS}, got {kind!r}")
+    if isinstance(kind, str) and kind.startswith("power-"):
+        try:
+            q = float(kind[len("power-"):])
+        except ValueError:
+            q = math.nan
+        if math.isfinite(q) and q > 0:
+            return rev_quad_grid(nfe, t0, T, q)
+    raise ValueError(f"grid must be one of {GRIDS} (q > 0), got {kind!r}")
 
 
 @lru_cache(maxsize=64)

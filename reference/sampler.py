@@ -66,6 +66,8 @@ def sample_ode(
 
 def _sde_times(grid: torch.Tensor, hop: bool, t_end: float) -> list[tuple[float, float]]:
     times = grid.tolist()
+    if not hop and not times[-1] < t_end < 1:
+        raise ValueError(f"t_end must be in (T, 1) = ({times[-1]}, 1) without the hop, got {t_end}")
     ends = times[1:] + ([] if hop else [t_end])
     return list(zip(times[: len(ends)], ends, strict=True))
 
