@@ -166,6 +166,7 @@ class PhaseSampler:
         trajectory: list[dict] = []
         times = torch.as_tensor(self.grid, dtype=m0.dtype, device=m0.device)
         history: list[torch.Tensor] = []
+        finite: list[tuple[int, float, torch.Tensor]] = []  # device flags, checked once at the end
         F = None
         for i in tqdm(range(self.nfe), disable=not progress, desc="PhaseSampler"):
             t_i = float(self.grid[i])
@@ -179,6 +180,8 @@ class PhaseSampler:
             else:
                 t_eval, t_vec = t_i, times[i].expand(m.shape[0])
             F = self._evaluate(model, m, t_vec, cond, x_shape, m0.dtype, i, t_eval)
+            if F.device.type != "cpu":
+                finite.append((i, t_eval, torch.isfinite(F).all()))
             if callback is not None:
                 callback({"i": i, "t": t_eval, "m": m, "F": F})
             if return_trajectory:
@@ -186,6 +189,7 @@ class PhaseSampler:
             if i == len(self._steps):
                 break
             self._advance(m, F, history, i, seed)
+        _raise_first_nonfinite(finite)
         x1 = phase_hop(self.bridge, m, F, self.T, self.backend) if self.hop else split_phase(m)[0]
         x1 = x1.to(m0.dtype)
         return (x1, trajectory) if return_trajectory else x1
@@ -240,6 +244,17 @@ class PhaseSampler:
         x, v = split_phase(m)
         x1_hat = phase_hop(self.bridge, m, F, t, self.backend)
         return {"t": t, "x": x.clone(), "v": v.clone(), "x1_hat": x1_hat}
+
+
+def _raise_first_nonfinite(finite: list[tuple[int, float, torch.Tensor]]) -> None:
+    """On accelerators the per-step finiteness flags stay on the device (no per-step host sync);
+    one sync after the loop reports the first step whose model output held NaN or Inf."""
+    if not finite:
+        return
+    ok = torch.stack([flag for _, _, flag in finite]).cpu()
+    if not bool(ok.all()):
+        i, t, _ = finite[int((~ok).nonzero()[0])]
+        raise ValueError(f"model output at step {i} (t={t:.6g}) contains NaN or Inf")
 
 
 def _resolve_seed(seed: int | None) -> int:

@@ -166,3 +166,14 @@ def test_bad_m0_and_bad_model_output(setup):
 
 def test_public_names():
     assert psb_fast.PhaseSampler is PhaseSampler and callable(psb_fast.bridge_sample)
+
+
+def test_deferred_nonfinite_report_names_first_bad_step():
+    """Accelerator path: flags kept on the device, the first bad step is reported after the loop."""
+    from psb_fast.sampler import _raise_first_nonfinite
+
+    _raise_first_nonfinite([])
+    _raise_first_nonfinite([(0, 0.1, torch.tensor(True)), (1, 0.2, torch.tensor(True))])
+    flags = [(0, 0.1, torch.tensor(True)), (1, 0.25, torch.tensor(False)), (2, 0.5, torch.tensor(False))]
+    with pytest.raises(ValueError, match=r"step 1 \(t=0.25\).*NaN"):
+        _raise_first_nonfinite(flags)
