@@ -190,7 +190,8 @@ class PhaseSampler:
                 break
             self._advance(m, F, history, i, seed)
         _raise_first_nonfinite(finite)
-        x1 = phase_hop(self.bridge, m, F, self.T, self.backend) if self.hop else split_phase(m)[0]
+        T_hop = float(self.grid[-1])  # = T, or t0 when nfe == 1
+        x1 = phase_hop(self.bridge, m, F, T_hop, self.backend) if self.hop else split_phase(m)[0]
         x1 = x1.to(m0.dtype)
         return (x1, trajectory) if return_trajectory else x1
 

@@ -177,3 +177,12 @@ def test_deferred_nonfinite_report_names_first_bad_step():
     flags = [(0, 0.1, torch.tensor(True)), (1, 0.25, torch.tensor(False)), (2, 0.5, torch.tensor(False))]
     with pytest.raises(ValueError, match=r"step 1 \(t=0.25\).*NaN"):
         _raise_first_nonfinite(flags)
+
+
+def test_nfe1_hops_at_its_only_grid_time(setup):
+    """NFE 1: one evaluation at t0, and the hop at that same time (as the reference does)."""
+    bridge, mix, m0 = setup
+    model = mix.as_model(bridge)
+    out = PhaseSampler(bridge, 1, backend="cpu").sample(model, m0)
+    ref = sample_ode(model, m0, bridge, rev_quad_grid(1, 1e-5, 0.4), 2, hop=True)
+    assert (out.double() - ref.double()).abs().max() < 1e-4
