@@ -1,10 +1,11 @@
-"""Shared timing and roofline helpers for the kernel benchmarks (SPEC §5).
+"""Shared timing and roofline functions of the kernel benchmarks (SPEC §5).
 
     median_time(fn, warmup, reps, sync)   median seconds per call
     interleaved_medians(fns, ...)         the same for several callables, run in turn (fair under load)
     copy_bandwidth(device)                measured device copy bandwidth, bytes/s (read + write)
     format_row(...) / TABLE_HEADER        one markdown table row per measurement; the rows of
                                           every benchmark script are merged by gpu_check.sh
+    sweep_shape(numel) / KernelCase       the shape and callables of one case of the suite's size sweep
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +22,30 @@ TABLE_HEADER = (
     "| op | impl | dtype | elements | median (us) | GB/s | of copy BW |\n"
     "|---|---|---|---|---|---|---|"
 )
+
+
+SWEEP_ROW = 1000  # elements per row of x in the suite's size sweep
+
+
+def sweep_shape(numel: int) -> tuple[int, int]:
+    """x's shape [numel / SWEEP_ROW, SWEEP_ROW] for a sweep case of `numel` elements."""
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < SWEEP_ROW or numel % SWEEP_ROW:
+        raise ValueError(f"numel must be a positive multiple of {SWEEP_ROW}, got {numel!r}")
+    return numel // SWEEP_ROW, SWEEP_ROW
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One (op, size, dtype) of the suite's sweep.
+
+    fns: impl name -> a callable running the op once (eager: "reference" and the fused backend);
+    compiled: the torch.compile'd reference formulation on the same inputs, or None (its first call
+    compiles); bytes_moved: bytes the op must read and write (the roofline numerator).
+    """
+
+    fns: dict[str, Callable[[], object]]
+    compiled: Callable[[], object] | None
+    bytes_moved: int
 
 
 def synchronizer(device: torch.device | str) -> Callable[[], None]:

@@ -19,16 +19,18 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from _timing import (
+
+from psb_fast.benchmarks._timing import (
     TABLE_HEADER,
+    KernelCase,
     copy_bandwidth,
     format_row,
     interleaved_medians,
     print_cuda_table,
     run_cli,
+    sweep_shape,
     synchronizer,
 )
-
 from psb_fast.bridge import PhaseBridge
 from psb_fast.kernels.bridge import COEF_FIELDS, bridge_sample_triton
 from psb_fast.sample_bridge import bridge_sample
@@ -65,6 +67,22 @@ def reference_formulation(x1: torch.Tensor, coef: torch.Tensor) -> tuple[torch.T
     v_t = c[1] * x + c[3] * eps_x + c[4] * eps_v
     label = c[5] * x + c[6] * eps_x + c[7] * eps_v
     return torch.cat([x_t, v_t], dim=1).to(x1.dtype), label.to(x1.dtype)
+
+
+def suite_case(
+    numel: int, dtype: torch.dtype, device: str, ours: str, compiled: Callable | None
+) -> KernelCase:
+    """The suite's sweep case: x1 of sweep_shape(numel); "reference" and `ours` run the public op
+    (coefficients included); `compiled` (torch.compile of reference_formulation, or None) runs on
+    precomputed coefficients."""
+    bridge = PhaseBridge()
+    x1, t = make_inputs(sweep_shape(numel), dtype, device)
+    coef = packed_coefficients(bridge, t)
+    fns = {
+        backend: (lambda backend=backend: bridge_sample(bridge, x1, t, seed=0, backend=backend))
+        for backend in ("reference", ours)
+    }
+    return KernelCase(fns, None if compiled is None else (lambda: compiled(x1, coef)), bytes_moved(x1))
 
 
 # ---------------------------------------------------------------- pytest-benchmark suite

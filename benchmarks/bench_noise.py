@@ -20,16 +20,18 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from _timing import (
+
+from psb_fast.benchmarks._timing import (
     TABLE_HEADER,
+    KernelCase,
     copy_bandwidth,
     format_row,
     interleaved_medians,
     print_cuda_table,
     run_cli,
+    sweep_shape,
     synchronizer,
 )
-
 from psb_fast.bridge import PhaseBridge
 from psb_fast.multistep import multistep_coefficients
 from psb_fast.reference.steps import cholesky2, transition_covariance
@@ -81,6 +83,20 @@ def reference_formulation(
     v_new = v.float() + cv * F.float() + lxv * xi_x + lvv * xi_v
     x.copy_(x_new)
     v.copy_(v_new)
+
+
+def suite_case(
+    numel: int, dtype: torch.dtype, device: str, ours: str, compiled: Callable | None
+) -> KernelCase:
+    """The suite's sweep case: the exact-noise step of m = [x | v], x of sweep_shape(numel), in
+    place; `compiled` is torch.compile of reference_formulation (torch.randn noise) or None."""
+    bridge = PhaseBridge(mode="SDE")
+    m, F = make_inputs(sweep_shape(numel), dtype, device)
+    fns = {backend: step_fn("exact", bridge, m, F, backend) for backend in ("reference", ours)}
+    exact = exact_coefficients(bridge, T, H)
+    args = (F, H, exact["cx"], exact["cv"], cholesky2(*transition_covariance(bridge.p, T, H)))
+    return KernelCase(fns, None if compiled is None else (lambda: compiled(m, *args)),
+                      step_bytes("exact", numel, m.element_size()))
 
 
 # ---------------------------------------------------------------- pytest-benchmark suite

@@ -6,6 +6,9 @@ builds the network input with torch.cat of x and v. The model returns zeros, so 
 the sampler's own. Side-by-side medians in one process:
 
     python benchmarks/bench_sampler.py            # NFE 10: B=64 x [3,32,32] and B=4096 x [2]
+
+It also times building the multistep coefficients (NFE 20, order 2, rev-quad to T = 0.9):
+`multistep_coefficients` (Gauss-Legendre, what PhaseSampler caches) vs the Riemann sums.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _timing import interleaved_medians
 
 from psb_fast import PhaseBridge, PhaseSampler
+from psb_fast.benchmarks._timing import interleaved_medians
+from psb_fast.multistep import multistep_coefficients
 from psb_fast.reference.grids import rev_quad_grid
 
 RIEMANN_POINTS = 50_000
@@ -48,7 +52,7 @@ def published_loop(model, m0: torch.Tensor, bridge: PhaseBridge, nfe: int, T: fl
     history = []
     for i, t in enumerate(times):
         m = torch.cat([x, v], dim=1).to(m0.dtype)
-        F = model(m, torch.full((m0.shape[0],), t, dtype=m0.dtype)).double()
+        F = model(m, torch.full((m0.shape[0],), t, dtype=m0.dtype, device=m0.device)).double()
         history = [F] + history[:order]
         if i == nfe - 1:
             co = bridge.coefficients(torch.tensor(t, dtype=torch.float64))
@@ -59,6 +63,20 @@ def published_loop(model, m0: torch.Tensor, bridge: PhaseBridge, nfe: int, T: fl
         x = x + (times[i + 1] - t) * v + sum(a * Fj for a, Fj in zip(Cx, history, strict=False))
         v = v + sum(a * Fj for a, Fj in zip(Cv, history, strict=False))
     raise AssertionError("unreachable")
+
+
+def coefficient_build_times(bridge: PhaseBridge, reps: int, nfe: int = 20, T: float = 0.9) -> dict:
+    """Median seconds to build all steps' (Cx, Cv), ours vs the published Riemann sums."""
+    grid = rev_quad_grid(nfe, 1e-5, T)
+    times = grid.tolist()
+
+    def riemann_all():
+        return [riemann_coefficients(bridge, times, i, times[i + 1], 2) for i in range(nfe - 1)]
+
+    return interleaved_medians(
+        {"Gauss-Legendre": lambda: multistep_coefficients(bridge, grid, 2), "Riemann sum": riemann_all},
+        warmup=1, reps=reps,
+    )
 
 
 def zero_model(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -88,6 +106,9 @@ def main() -> None:
         ours, pub = medians["PhaseSampler"], medians["published loop"]
         print(f"  x {list(shape)}: PhaseSampler {ours * 1e3:8.2f} ms   published loop {pub * 1e3:8.2f} ms"
               f"   ratio {pub / ours:5.1f}x")
+    build = coefficient_build_times(bridge, args.reps)
+    print(f"coefficient build, NFE 20, order 2: Gauss-Legendre {build['Gauss-Legendre'] * 1e3:.2f} ms, "
+          f"Riemann sum {build['Riemann sum'] * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -20,16 +20,18 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
-from _timing import (
+
+from psb_fast.benchmarks._timing import (
     TABLE_HEADER,
+    KernelCase,
     copy_bandwidth,
     format_row,
     interleaved_medians,
     print_cuda_table,
     run_cli,
+    sweep_shape,
     synchronizer,
 )
-
 from psb_fast.bridge import PhaseBridge
 from psb_fast.stepping import phase_hop, phase_step
 
@@ -68,6 +70,22 @@ def reference_formulation(
         v_new = v_new + cv * F.float()
     x.copy_(x_new)
     v.copy_(v_new)
+
+
+def suite_case(
+    numel: int, dtype: torch.dtype, device: str, ours: str, compiled: Callable | None
+) -> KernelCase:
+    """The suite's sweep case: an order-2 update (q = 3 history terms) of m = [x | v], x of
+    sweep_shape(numel), in place; `compiled` is torch.compile of reference_formulation or None."""
+    q = ORDER2
+    m, F_hist = make_inputs(sweep_shape(numel), dtype, device, q)
+    args = (F_hist, H, CX[:q], CV[:q])
+    fns = {
+        backend: (lambda backend=backend: phase_step(m, *args, backend=backend))
+        for backend in ("reference", ours)
+    }
+    return KernelCase(fns, None if compiled is None else (lambda: compiled(m, *args)),
+                      step_bytes(numel, m.element_size(), q))
 
 
 # ---------------------------------------------------------------- pytest-benchmark suite

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Native CUDA check of the Triton kernels (no interpreter), in under 5 minutes, installing nothing:
+# Native CUDA check of the Triton kernels, the CUDA-graph sampler and the GPU part of the benchmark
+# suite (no interpreter), in under 5 minutes, installing nothing:
 #   1. the kernel tests, natively (PSB_FAST_NATIVE_GPU=1 keeps tests/conftest.py off the interpreter);
-#   2. the kernel benchmark scripts with --device cuda;
-#   3. one table merging every benchmark's rows (benchmarks/_timing.py format).
+#   2. the suite's GPU parts (kernels over sizes / dtypes / backends, sampler throughput with and
+#      without CUDA graphs, training throughput), with NVML telemetry when nvidia-ml-py is installed,
+#      written to OUT_DIR (results.json, PNG plots) and printed as tables.
 # Every stage runs even if an earlier one fails; the exit status is non-zero if any failed.
-# Usage: bash benchmarks/gpu_check.sh   (from anywhere; logs go to a temporary folder, printed at the end)
+# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (default benchmarks/results/gpu; logs go to a
+# temporary folder, printed at the end). The quality part is device-independent and left out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TEST_LIMIT_S=110   # seconds per stage; 110 + 120 + 2 x 30 stays under 5 minutes
-BRIDGE_LIMIT_S=120
-OTHER_LIMIT_S=30
+TEST_LIMIT_S=100   # seconds per stage; 100 + 180 stays under 5 minutes
+SUITE_LIMIT_S=180
+OUT_DIR=${1:-benchmarks/results/gpu}
 
 export PSB_FAST_NATIVE_GPU=1 PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
@@ -32,24 +35,15 @@ run() {
 }
 
 tests=()
-for f in tests/test_bridge_sample.py tests/test_step.py tests/test_noise.py; do
+for f in tests/test_bridge_sample.py tests/test_step.py tests/test_noise.py tests/test_cuda_graph.py; do
     if [[ -f $f ]]; then tests+=("$f"); else echo "(skipped: $f not found)"; fi
 done
 run tests "$TEST_LIMIT_S" python -m pytest "${tests[@]}" -q
 
-run bench_bridge "$BRIDGE_LIMIT_S" python benchmarks/bench_bridge.py --device cuda
-for bench in bench_step bench_noise; do
-    if [[ -f benchmarks/$bench.py ]]; then
-        run "$bench" "$OTHER_LIMIT_S" python "benchmarks/$bench.py" --device cuda
-    fi
-done
+run suite "$SUITE_LIMIT_S" python -m psb_fast.benchmarks.suite --quick --device cuda \
+    --parts kernels sampler training --out "$OUT_DIR"
 
-echo
-echo "== kernel benchmarks, $(python -c 'import torch; print(torch.cuda.get_device_name())')"
-python -c 'import sys; sys.path.insert(0, "benchmarks"); from _timing import TABLE_HEADER; print(TABLE_HEADER)'
-grep -h '^| ' "$logs"/bench_*.log | grep -v -e '^| op |' -e '^|---' || echo "(no benchmark rows)"
-echo "logs: $logs"
-
+echo "results: $OUT_DIR/results.json; logs: $logs"
 if ((${#failed[@]})); then
     echo "FAILED: ${failed[*]}"
     exit 1

@@ -1,0 +1,98 @@
+"""The psb-fast CLI on tiny configs: train -> sample -> tune -> sample --tuned, demo, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from psb_fast import PhaseSampler
+from psb_fast.cli import main
+from psb_fast.demo import run_demo
+from psb_fast.pretrained import load_trained
+
+torch.set_num_threads(1)
+TINY = ["--set", "steps=4", "--set", "batch_size=32", "--set", "model=mlp", "--set", "eval_samples=0",
+        "--set", "ckpt_every=0", "--set", "device=cpu", "--set", "warmup_steps=1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--set", f"out_dir={out}", *TINY]) == 0
+    return out
+
+
+def test_train_writes_a_loadable_checkpoint(run_dir):
+    trained = load_trained(run_dir)
+    assert trained.step == 4 and trained.x_shape == (2,) and trained.num_classes is None
+    assert (run_dir / "metrics.jsonl").exists() and (run_dir / "config.json").exists()
+    assert not trained.model.training
+
+
+def test_sample_writes_npz_and_png(run_dir, tmp_path, capsys):
+    assert main(["sample", str(run_dir), "--nfe", "3", "-n", "16", "--out", str(tmp_path)]) == 0
+    x1 = np.load(tmp_path / "samples.npz")["x1"]
+    assert x1.shape == (16, 2) and np.isfinite(x1).all()
+    assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "PhaseSampler(nfe=3" in capsys.readouterr().out
+
+
+def test_tune_then_sample_with_the_tuned_settings(run_dir, tmp_path):
+    path = tmp_path / "tuned.json"
+    assert main(["tune", str(run_dir), "--nfe", "3", "4", "-n", "64", "--reference-nfe", "20",
+                 "--T-values", "0.5", "0.7", "0.9", "--q-values", "1.5", "2", "--orders", "2", "3",
+                 "--out", str(path)]) == 0
+    trained = load_trained(run_dir)
+    sampler = PhaseSampler.from_tuned(path, trained.bridge, 4)
+    assert sampler.nfe == 4 and 0 < sampler.T < 1
+    out = tmp_path / "s"
+    argv = ["sample", str(run_dir), "--nfe", "4", "-n", "8", "--tuned", str(path), "--out", str(out)]
+    assert main(argv) == 0
+    assert np.load(out / "samples.npz")["x1"].shape == (8, 2)
+
+
+def test_stroke_guided_sampling_from_the_cli(run_dir, tmp_path):
+    stroke = tmp_path / "stroke.npy"
+    np.save(stroke, np.array([1.2, -1.0], dtype=np.float32))
+    assert main(["sample", str(run_dir), "--nfe", "3", "-n", "8", "--stroke", str(stroke),
+                 "--stroke-mode", "inpaint", "--out", str(tmp_path / "g")]) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--set", "no_such_key=1"], "no_such_key"),
+        (["train", "--set", "steps=-3"], "steps"),
+        (["train", "--set", "data=mnist-please"], "mnist-please"),
+        (["sample", "does/not/exist"], "does/not/exist"),
+        (["sample", "RUN", "--label", "3"], "conditional"),
+        (["sample", "RUN", "--stroke", "missing.npy"], "missing.npy"),
+        (["tune", "RUN", "--nfe", "0"], "nfes"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(run_dir, tmp_path, capsys, argv, message):
+    argv = [str(run_dir) if a == "RUN" else a for a in argv]
+    if argv[0] == "train":
+        argv += ["--set", f"out_dir={tmp_path / 'bad'}", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"psb-fast {argv[0]}: error:") and message in err
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_demo_trains_samples_and_reports(tmp_path):
+    metrics = run_demo(tmp_path, steps=30, progress=False, samples=64)
+    assert {(r["nfe"], r["settings"]) for r in metrics["rows"]} == {
+        (n, s) for n in (5, 10, 20) for s in ("tuned", "published")}
+    for r in metrics["rows"]:
+        assert r["rmse_vs_nfe200"] >= 0 and r["energy_distance_to_data"] >= 0 and r["sample_seconds"] > 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["rows"] == metrics["rows"]
+    for name in ("samples.png", "trajectories.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    again = run_demo(tmp_path, steps=30, progress=False, samples=64)  # finished run: no retraining
+    assert again["train_seconds_this_call"] == 0.0 and again["rows"][0]["rmse_vs_nfe200"] == pytest.approx(
+        metrics["rows"][0]["rmse_vs_nfe200"])
+    with pytest.raises(ValueError, match="steps"):
+        run_demo(tmp_path, steps=0)
