@@ -97,7 +97,11 @@ def main() -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = config(args.out, args.steps)
-    training = {"skipped": True} if args.eval_only else train_for(cfg, args.minutes)
+    previous = args.out / "results.json"
+    if args.eval_only:  # keep the training record of the run that trained the model
+        training = json.loads(previous.read_text())["training"] if previous.exists() else {"skipped": True}
+    else:
+        training = train_for(cfg, args.minutes)
     trained = load_trained(Path(cfg.out_dir) / CHECKPOINT)
     model, bridge = trained.model, trained.bridge
 
@@ -127,7 +131,7 @@ def main() -> None:
             image_grid(x_tuned[:64], args.out / f"samples_nfe{nfe}.png")
     results = {
         "command": "python benchmarks/digits_study.py --out benchmarks/results/digits "
-                   f"--steps {args.steps} --minutes {args.minutes}",
+                   + ("--eval-only" if args.eval_only else f"--steps {args.steps} --minutes {args.minutes}"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
         "training": training, "trained_steps": trained.step, "samples": SAMPLES,
@@ -140,10 +144,17 @@ def main() -> None:
     print(markdown(results))
 
 
+def _training_time(training: dict) -> str:
+    if "seconds" not in training or not training["seconds"]:
+        return ""
+    return f", {training['seconds'] / 60:.1f} min at {training['steps_per_s']:.2f} steps/s"
+
+
 def markdown(r: dict) -> str:
     lines = [
         "# Digits (8x8, scikit-learn) on a CPU", "", f"Command: `{r['command']}`", "",
-        f"UNet trained {r['trained_steps']} steps (batch 128). Classifier: logistic regression on the "
+        f"UNet trained {r['trained_steps']} steps (batch 128{_training_time(r['training'])}). "
+        "Classifier: logistic regression on the "
         f"real train split, held-out accuracy {r['classifier_test_accuracy']:.3f}. {r['samples']} samples "
         f"per row, same prior draws. Entropy of the predicted-class shares: uniform = "
         f"{r['uniform_entropy']:.3f}.",

@@ -84,7 +84,7 @@ def test_bad_input_exits_2_with_a_message(run_dir, tmp_path, capsys, argv, messa
 def test_demo_trains_samples_and_reports(tmp_path):
     metrics = run_demo(tmp_path, steps=30, progress=False, samples=64)
     assert {(r["nfe"], r["settings"]) for r in metrics["rows"]} == {
-        (n, s) for n in (5, 10, 20) for s in ("tuned", "published")}
+        (n, s) for n in (5, 10, 20) for s in ("defaults", "published")}
     for r in metrics["rows"]:
         assert r["rmse_vs_nfe200"] >= 0 and r["energy_distance_to_data"] >= 0 and r["sample_seconds"] > 0
     saved = json.loads((tmp_path / "metrics.json").read_text())

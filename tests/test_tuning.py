@@ -10,7 +10,14 @@ from psb_fast import PhaseBridge
 from psb_fast.oracles import mixture_2d_grid, mixture_2d_ring, mixture_random, ode_solution
 from psb_fast.reference.grids import rev_quad_grid
 from psb_fast.reference.sampler import sample_ode
-from psb_fast.tuned_defaults import TUNED, TUNED_FRACTIONS, grid_from_setting, tuned_grid, tuned_settings
+from psb_fast.tuned_defaults import (
+    TUNED,
+    TUNED_FRACTIONS,
+    grid_from_setting,
+    tuned_fractions,
+    tuned_grid,
+    tuned_settings,
+)
 from psb_fast.tuning import (
     fractions_from_log_gaps,
     load_tuned,
@@ -27,17 +34,20 @@ torch.set_num_threads(1)
 T0, T_REF = 1e-5, 0.999
 #: Held-out ratios (tuned / published RMSE) the defaults must reach at NFE 5, 10, 20 on this
 #: file's fresh prior batch (1024 draws per mixture, a seed the study does not use). The issue
-#: asks for <= 0.5 on every held-out mixture. The study (benchmarks/results/tuning_table.md,
-#: 8192 draws per mixture) meets it pooled (geometric mean over the four mixtures: 0.450, 0.475,
-#: 0.335) but not per mixture: rand16d_s12 0.636 at NFE 5, rand16d_s12 0.502 and grid4x4 0.513
-#: at NFE 10. So the pooled ratio is held to the issue's 0.5 at NFE 5 and 10 and to 0.4 at NFE 20
-#: (0.335 reached, with a margin for the noise of 1024 draws), and each mixture only to
-#: PER_MIXTURE_BOUND (worst reached: 0.636), a regression guard, not the issue's target.
+#: asks for <= 0.5 on every held-out mixture. The final defaults (benchmarks/results/tuning_table.md,
+#: 8192 draws per mixture) reach it pooled (geometric mean over the four mixtures) at NFE 5 and 10
+#: (0.450, 0.475) but not per mixture (worst: rand16d_s12 0.636 at NFE 5; rand16d_s12 0.502 and
+#: grid4x4 0.513 at NFE 10), and not at NFE 20: there the mixture search's entry lost to the
+#: published setting on trained models (benchmarks/results/tuning_trained.md), so NFE 20 IS the
+#: published setting (ratio 1), as are all NFEs whose searched entry lost on a trained tuning
+#: model. The bounds below are the levels reached, with a margin for the noise of 1024 draws at
+#: NFE 5 and 10: a regression guard, not the issue's target.
 HALF_NFES = (5, 10, 20)
-POOLED_BOUND = {5: 0.5, 10: 0.5, 20: 0.4}
-PER_MIXTURE_BOUND = 0.7
-#: NFEs where the defaults must be no worse than published on every held-out mixture.
-NO_WORSE_NFES = (3, 7, 12, 16, 30)
+POOLED_BOUND = {5: 0.5, 10: 0.5, 20: 1.0}
+PER_MIXTURE_BOUND = {5: 0.7, 10: 0.7, 20: 1.0}
+#: NFEs whose defaults are searched entries (not the published setting): no worse than published
+#: on every held-out mixture.
+NO_WORSE_NFES = (3, 7, 13, 32, 47)
 
 
 def test_tuned_settings_cover_1_to_50_with_valid_values():
@@ -125,7 +135,7 @@ def test_tuned_defaults_meet_the_heldout_bounds(heldout, nfe):
     pooled = float(torch.exp(torch.log(ratios).mean()))
     msg = f"NFE {nfe}: pooled ratio {pooled:.3f}, per mixture {ratios.tolist()}"
     assert pooled <= POOLED_BOUND[nfe], msg
-    assert float(ratios.max()) <= PER_MIXTURE_BOUND, msg
+    assert float(ratios.max()) <= PER_MIXTURE_BOUND[nfe], msg
 
 
 @pytest.mark.parametrize("nfe", NO_WORSE_NFES)
@@ -214,3 +224,13 @@ def test_save_load_round_trip_and_malformed_files(tmp_path):
             load_tuned(bad)
     with pytest.raises(ValueError):
         save_tuned({0: {"T": 0.6, "q": 1.5, "order": 2}}, tmp_path / "x.json")
+
+
+def test_defaults_are_searched_or_published():
+    """Every default is either the published setting or a searched entry that kept its place on
+    the trained tuning models (benchmarks/tuning_trained.py): NFE 20 is the published sampler."""
+    for nfe in range(3, 51):
+        T, q, order = tuned_settings(nfe)
+        if (q, order) == (2.0, 2) and tuned_fractions(nfe) is None:
+            assert T == pytest.approx(published_setting(nfe)[0])
+    assert tuned_settings(20) == (published_setting(20)[0], 2.0, 2)
