@@ -32,12 +32,13 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from psb_fast import PhaseSampler
+from psb_fast.checkpoint import load_checkpoint
 from psb_fast.config import TrainConfig
 from psb_fast.data import load_data
 from psb_fast.plots import image_grid
 from psb_fast.pretrained import load_trained
 from psb_fast.sampler import published_T
-from psb_fast.train import CHECKPOINT, train
+from psb_fast.train import CHECKPOINT, train_or_resume
 from psb_fast.tuning import reference_solution, rmse
 
 SAMPLES = 1000
@@ -55,10 +56,6 @@ def config(out: Path, steps: int) -> TrainConfig:
 
 def train_for(cfg: TrainConfig, minutes: float) -> dict:
     """Train (or resume) until cfg.steps or `minutes` of wall time, whichever first."""
-    ckpt = Path(cfg.out_dir) / CHECKPOINT
-    resume = ckpt.exists()
-    if resume and load_trained(ckpt).step >= cfg.steps:
-        return {"step": load_trained(ckpt).step, "seconds": 0.0}
     deadline = time.monotonic() + 60 * minutes
     start = time.perf_counter()
     stop = {"flag": False}
@@ -68,7 +65,9 @@ def train_for(cfg: TrainConfig, minutes: float) -> dict:
             stop["flag"] = True
             os.kill(os.getpid(), signal.SIGINT)  # train() checkpoints and returns cleanly
 
-    summary = train(cfg, resume=resume, progress=True, callback=watch)
+    summary = train_or_resume(cfg, progress=True, callback=watch)
+    if summary is None:  # the run already holds cfg.steps steps
+        return {"step": int(load_checkpoint(Path(cfg.out_dir) / CHECKPOINT)["step"]), "seconds": 0.0}
     return {"step": summary["step"], "seconds": time.perf_counter() - start,
             "steps_per_s": summary["steps_per_s"], "stopped": summary["stopped"]}
 

@@ -464,6 +464,14 @@ def write_defaults(table: dict[int, tuple], commands: str | Sequence[str], path:
     path.write_text(head + begin + "\n".join(lines) + "\n" + end + tail)
 
 
+def cache_dir(out: Path) -> Path:
+    """<out>/cache, created and git-ignored: the regenerable targets and scores of the studies."""
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / ".gitignore").write_text("*\n")
+    return cache
+
+
 def markdown(report: dict) -> str:
     cfg = report["config"]
     out = [
@@ -575,9 +583,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     start = time.time()
     out = Path(args.out)
-    cache = out / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    (cache / ".gitignore").write_text("*\n")
+    cache = cache_dir(out)
     if args.evaluate_only and (args.quick or args.write_defaults or args.oracle):
         ap.error("--evaluate-only re-checks the current defaults with the full study's held-out batches; "
                  "it takes none of --quick, --write-defaults, --oracle")

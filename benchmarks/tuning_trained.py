@@ -68,7 +68,7 @@ if str(ROOT) not in sys.path:
 from psb_fast.benchmarks import tuning_study as study  # noqa: E402
 from psb_fast.config import TrainConfig  # noqa: E402
 from psb_fast.pretrained import load_trained  # noqa: E402
-from psb_fast.train import CHECKPOINT, train  # noqa: E402
+from psb_fast.train import CHECKPOINT, train_or_resume  # noqa: E402
 from psb_fast.tuned_defaults import TUNED, TUNED_FRACTIONS  # noqa: E402
 from psb_fast.tuning import published_setting, reference_solution, settings_rmse  # noqa: E402
 
@@ -205,8 +205,7 @@ def ensure_trained(
     for name in names:
         folder = root / name
         ckpt = folder / CHECKPOINT
-        if not ckpt.is_file() or load_trained(ckpt).step < steps:
-            train(train_config(data_spec(name, root), folder, steps), resume=ckpt.is_file(), progress=False)
+        train_or_resume(train_config(data_spec(name, root), folder, steps), progress=False)
         paths[name] = ckpt
     return paths
 
@@ -362,9 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.time()
     out = Path(args.out)
-    cache_dir = out / "cache"
-    (cache_dir / "trained").mkdir(parents=True, exist_ok=True)
-    (cache_dir / ".gitignore").write_text("*\n")
+    cache_dir = study.cache_dir(out)
+    (cache_dir / "trained").mkdir(exist_ok=True)
     bridge = study.PhaseBridge()
     problems: list = [MixtureProblem(study.Problem(n, f(), bridge, cache_dir))
                       for n, f in study.TUNING.items()]

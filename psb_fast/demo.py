@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .data import load_data
 from .pretrained import load_trained
 from .sampler import PhaseSampler, published_T
-from .train import CHECKPOINT, energy_distance, train
+from .train import CHECKPOINT, energy_distance, train_or_resume
 from .tuning import reference_solution, rmse
 
 NFES = (5, 10, 20)
@@ -44,20 +44,6 @@ def demo_config(out_dir: Path, steps: int) -> TrainConfig:
     )
 
 
-def _train_or_resume(cfg: TrainConfig, progress: bool) -> float:
-    """Train (resuming a partial run, skipping a finished one); returns this call's seconds."""
-    ckpt = Path(cfg.out_dir) / CHECKPOINT
-    start = time.perf_counter()
-    if ckpt.exists():
-        done = load_trained(ckpt).step
-        if done >= cfg.steps:
-            return 0.0
-        train(cfg, resume=True, progress=progress)
-    else:
-        train(cfg, progress=progress)
-    return time.perf_counter() - start
-
-
 def run_demo(out: Path, steps: int | None = None, progress: bool = True, samples: int = SAMPLES) -> dict:
     """Run the demo into `out` (created); returns the metrics written to metrics.json.
 
@@ -69,7 +55,8 @@ def run_demo(out: Path, steps: int | None = None, progress: bool = True, samples
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # small tensors: one thread beats two on a shared 2-core machine
     cfg = demo_config(out / "run", steps)
-    train_seconds = _train_or_resume(cfg, progress)
+    start = time.perf_counter()
+    train_seconds = 0.0 if train_or_resume(cfg, progress) is None else time.perf_counter() - start
     trained = load_trained(Path(cfg.out_dir) / CHECKPOINT)
     model, bridge = trained.model, trained.bridge
     data, _ = load_data(cfg.data, split="test", seed=1).all(samples)

@@ -158,6 +158,17 @@ def train(
     return _Run(cfg, rank, world_size, device, model, resume).loop(progress, stop_after, callback)
 
 
+def train_or_resume(
+    cfg: TrainConfig, progress: bool = True, *, callback: Callable[[dict], None] | None = None
+) -> dict | None:
+    """train(cfg), continuing cfg.out_dir's checkpoint when there is one; None (nothing run) when
+    that checkpoint already holds cfg.steps steps, so a finished run is reused as it is."""
+    ckpt = Path(cfg.out_dir) / CHECKPOINT
+    if ckpt.exists() and int(load_checkpoint(ckpt)["step"]) >= cfg.steps:
+        return None
+    return train(cfg, resume=ckpt.exists(), progress=progress, callback=callback)
+
+
 def _distributed_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 without it)."""
     try:

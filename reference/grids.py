@@ -23,9 +23,14 @@ def rev_quad_grid(n: int, t0: float = 1e-5, T: float = 0.999, q: float = 2.0) ->
         raise ValueError(f"q (the grid order) must be finite and > 0, got {q}")
     if n == 1:
         return torch.tensor([t0], dtype=torch.float64)
-    i = torch.arange(n, dtype=torch.float64)
+    return power_grid(t0, T, q, torch.arange(n, dtype=torch.float64) / (n - 1))
+
+
+def power_grid(t0: float, T: float, q: float, r: torch.Tensor) -> torch.Tensor:
+    """t = (t0^(1/q) + r (T^(1/q) - t0^(1/q)))^q for fractions r (float64, 0 = r_0 < ... < r_{-1} = 1),
+    with the end points set exactly to t0 and T. Arguments are not checked (callers do)."""
     a, b = t0 ** (1.0 / q), T ** (1.0 / q)
-    grid = (a + i / (n - 1) * (b - a)) ** q
+    grid = (a + r * (b - a)) ** q
     grid[0], grid[-1] = t0, T
     return grid
 
