@@ -1,11 +1,12 @@
 """NFE-vs-quality tuning study: per-NFE defaults (hop time T, grid order q, solver order).
 
     python benchmarks/tuning_study.py [--quick] [--out benchmarks/results] [--write-defaults] [--oracle]
-    python benchmarks/tuning_study.py --evaluate-only   # after benchmarks/tuning_trained.py --write-defaults
+    python benchmarks/tuning_study.py --evaluate-only   # after tuning_trained.py and tuning_joint.py
 
 --evaluate-only skips the search: it reads the current psb_fast/tuned_defaults.py and runs only the
 held-out check below, reusing <out>/tuning.json's held-out records for NFEs whose setting is the
-one that file records; NFEs changed since (by the trained-model stage) are re-scored (src `trained`).
+one that file records; NFEs changed since are re-scored (src `trained`: by the trained-model stage;
+src `joint`: by the joint search, benchmarks/tuning_joint.py, whose <out>/tuning_joint.json lists them).
 
 Error metric: pathwise RMSE of the sampler output (hop=True: the hop's x1 estimate at T)
 against the EXACT probability flow's final output from the same prior draws m0:
@@ -367,11 +368,14 @@ def search(tuning, cfg, max_rows) -> tuple[dict[int, tuple], dict[int, dict]]:
     return chosen, details
 
 
-def current_defaults(previous: dict) -> tuple[dict[int, tuple], dict[int, dict]]:
+def current_defaults(previous: dict, joint: dict | None = None) -> tuple[dict[int, tuple], dict[int, dict]]:
     """The settings of psb_fast/tuned_defaults.py for NFE 1..50, and per NFE the search record of
-    `previous` (a tuning.json). An NFE whose setting differs from the recorded one was replaced by
-    the trained-model stage (benchmarks/tuning_trained.py): source "trained", the study's pick kept
-    as "study_setting"."""
+    `previous` (a tuning.json). An NFE whose setting is the admissible result of the joint search
+    (`joint`: tuning_joint.json's "table") has source "joint"; one that otherwise differs from the
+    recorded setting was replaced by the trained-model stage (benchmarks/tuning_trained.py): source
+    "trained". Either way the study's pick is kept as "study_setting"."""
+    joint_settings = {int(n): tuple(r["setting"][:3]) + tuple(tuple(f) for f in r["setting"][3:])
+                      for n, r in (joint or {}).items() if r["admissible"]}
     chosen, details = {}, {}
     for nfe in range(1, 51):
         fractions = TUNED_FRACTIONS.get(nfe)
@@ -380,12 +384,14 @@ def current_defaults(previous: dict) -> tuple[dict[int, tuple], dict[int, dict]]
         recorded = (rec["T"], rec["q"], rec["order"])
         if rec.get("fractions"):
             recorded += (tuple(rec["fractions"]),)
-        if recorded == chosen[nfe]:
+        source = "joint" if joint_settings.get(nfe) == chosen[nfe] else None
+        if recorded == chosen[nfe] and source is None:
             details[nfe] = {"source": rec["source"], "setting": chosen[nfe], **rec["search"]}
         else:
             record = {k: v for k, v in rec["search"].items() if k != "study_setting"}
             study = rec["search"].get("study_setting", list(recorded))
-            details[nfe] = {"source": "trained", "setting": chosen[nfe], **record, "study_setting": study}
+            details[nfe] = {"source": source or "trained", "setting": chosen[nfe], **record,
+                            "study_setting": study}
     return chosen, details
 
 
@@ -400,11 +406,14 @@ def heldout_check(heldout, chosen, details, cfg, max_rows, previous: dict | None
         pub = published_setting(nfe)
         T, q, order, *fractions = chosen[nfe]
         rec = previous["table"][str(nfe)] if previous else None
-        reuse = rec is not None and details[nfe]["source"] != "trained" and rec.get("heldout")
+        reuse = rec is not None and details[nfe]["source"] not in ("trained", "joint") and rec.get("heldout")
         if reuse:
             held = rec["heldout"]
         else:
             held = heldout_record(heldout, nfe, chosen[nfe], pub, cfg, max_rows)
+            study_pick = details[nfe].get("study_setting")
+            if nfe in HALF_NFES and study_pick is not None:
+                held["study_pick"] = study_pick_record(heldout, nfe, study_pick, cfg, max_rows)
         for name, r in held["per_mixture"].items():
             if r["ratio"] > held["required"]:
                 failures.append({"nfe": nfe, "mixture": name, "ratio": r["ratio"],
@@ -435,6 +444,18 @@ def heldout_record(heldout, nfe, setting, pub, cfg, max_rows) -> dict:
     return {"per_mixture": per, "tuned_gmean": float(gm[0]), "published_gmean": float(gm[1]),
             "ratio_gmean": float(gm[0] / gm[1]), "ratio_worst": float(ratio.max()),
             "required": required, "pass": bool((ratio <= required).all())}
+
+
+def study_pick_record(heldout, nfe, study_pick: Sequence, cfg, max_rows) -> dict:
+    """Held-out ratios to published of the mixture search's own pick at an NFE whose default a later
+    stage replaced: what the exact-drift search alone reached there."""
+    T, q, order, *fractions = study_pick
+    setting = (T, q, order) + ((tuple(fractions[0]),) if fractions and fractions[0] else ())
+    errs = evaluate(heldout, nfe, [setting, published_setting(nfe)], cfg["B_heldout"], SEEDS["heldout"],
+                    max_rows)
+    ratio = errs[:, 0] / errs[:, 1]
+    return {"setting": list(study_pick), "ratios": {p.name: float(ratio[m]) for m, p in enumerate(heldout)},
+            "ratio_gmean": float(torch.exp(torch.log(ratio).mean()))}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -480,7 +501,9 @@ def markdown(report: dict) -> str:
         f"Command: `{cfg['command']}` ({report['runtime_s']:.0f} s, {cfg['platform']}).",
         *([f"The search ran as `{cfg['search_command']}` ({cfg['search_runtime_s']:.0f} s); then",
            "`python benchmarks/tuning_trained.py --write-defaults` replaced the entries that lose to the",
-           "published setting on trained models (src `trained`); this table checks the final defaults",
+           "published setting on trained models (src `trained`), and `python benchmarks/tuning_joint.py",
+           "--write-defaults` wrote the results of its joint search on mixtures and trained models (src",
+           "`joint`); this table checks the final defaults",
            "(held-out records of unchanged NFEs are the search run's, same batches)."]
           if "search_command" in cfg else []),
         "",
@@ -492,8 +515,9 @@ def markdown(report: dict) -> str:
         f"{', '.join(cfg['heldout'])}.",
         "Published = order 2, q = 2 (rev-quad), T = published_T(nfe). `tuned`/`published`: geometric",
         "mean of the held-out RMSEs; `ratio`: their ratio; `worst`: the largest per-mixture ratio.",
-        "`src`: `tuned` (searched), `interp` (picked from the neighbouring tuned NFEs) or `trained`",
-        "(replaced by the trained-model stage, benchmarks/tuning_trained.py); `grid`:",
+        "`src`: `tuned` (searched), `interp` (picked from the neighbouring tuned NFEs), `trained`",
+        "(replaced by the trained-model stage, benchmarks/tuning_trained.py) or `joint` (the joint",
+        "search on mixtures and trained models, benchmarks/tuning_joint.py); `grid`:",
         "`free` (fractions listed below) or `power` (the power-q grid).",
         "",
         "| NFE | src | grid | T | q | order | tuned RMSE | published RMSE | ratio | worst | target | pass |",
@@ -541,6 +565,17 @@ def markdown(report: dict) -> str:
     for nfe in HALF_NFES:
         per = report["table"][str(nfe)]["heldout"]["per_mixture"]
         out.append(f"| {nfe} | " + " | ".join(f"{per[n]['ratio']:.3f}" for n in names) + " |")
+    picks = {nfe: report["table"][str(nfe)]["heldout"].get("study_pick") for nfe in HALF_NFES}
+    if any(picks.values()):
+        out += ["", "The mixture search's own pick at those NFEs (replaced by the trained-model stage or the",
+                "joint search because it loses on trained models), held-out ratios to published:", "",
+                "| NFE | T | q | order | pooled | " + " | ".join(names) + " |",
+                "|---:|---:|---:|---:|---:|" + "---:|" * len(names)]
+        for nfe, sp in picks.items():
+            if sp:
+                T, q, order = sp["setting"][:3]
+                out.append(f"| {nfe} | {T:.4f} | {q:g} | {order} | {sp['ratio_gmean']:.3f} | "
+                           + " | ".join(f"{sp['ratios'][n]:.3f}" for n in names) + " |")
     out += ["", "Mode flips on the held-out draws (a draw whose output is nearest to another mixture mean",
             "than the exact flow's): count, share of the squared error they carry, RMSE of the other",
             "draws; tuned / published:", ""]
@@ -611,7 +646,9 @@ def main(argv=None) -> int:
     previous = None
     if args.evaluate_only:
         previous = json.loads((out / "tuning.json").read_text())
-        chosen, details = current_defaults(previous)
+        joint_path = out / "tuning_joint.json"
+        joint = json.loads(joint_path.read_text())["table"] if joint_path.is_file() else None
+        chosen, details = current_defaults(previous, joint)
     else:
         chosen, details = search(tuning, cfg, max_rows)
 

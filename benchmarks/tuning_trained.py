@@ -227,10 +227,10 @@ class TrainedProblem:
                                                  MAX_ROWS)
             torch.save(self.target, path)
 
-    def rmse(self, nfe: int, settings: Sequence[Setting]) -> torch.Tensor:
+    def rmse(self, nfe: int, settings: Sequence[Setting], rows: slice = slice(None)) -> torch.Tensor:
         with torch.inference_mode():
-            return settings_rmse(self.model, self.bridge, self.m0, self.target, nfe, settings, study.T0,
-                                 MAX_ROWS)
+            return settings_rmse(self.model, self.bridge, self.m0[rows], self.target[rows], nfe, settings,
+                                 study.T0, MAX_ROWS)
 
 
 class MixtureProblem:
@@ -242,9 +242,23 @@ class MixtureProblem:
         self.batches = [(size, study.SEEDS[k]) for k, size in batches.items()]
         self.key = f"mixture:{self.name}:" + ",".join(f"B{b}s{s}" for b, s in self.batches)
 
+    def rmse(self, nfe: int, settings: Sequence[Setting], rows: slice = slice(None)) -> torch.Tensor:
+        """rows: the same slice of every batch (sizes then count the rows it keeps)."""
+        sizes = [len(range(b)[rows]) for b, _ in self.batches]
+        sq = sum(n * self.problem.rmse(nfe, settings, b, s, MAX_ROWS, rows) ** 2
+                 for n, (b, s) in zip(sizes, self.batches, strict=True))
+        return torch.sqrt(sq / sum(sizes))
+
+
+class RowsView:
+    """The rows `rows` of a problem's fixed batch, as a problem of its own (own cache key)."""
+
+    def __init__(self, problem, rows: slice):
+        self.problem, self.rows, self.name = problem, rows, problem.name
+        self.key = f"{problem.key}:rows{rows.start}-{rows.stop}"
+
     def rmse(self, nfe: int, settings: Sequence[Setting]) -> torch.Tensor:
-        sq = sum(b * self.problem.rmse(nfe, settings, b, s, MAX_ROWS) ** 2 for b, s in self.batches)
-        return torch.sqrt(sq / sum(b for b, _ in self.batches))
+        return self.problem.rmse(nfe, settings, self.rows)
 
 
 class ErrorCache:
@@ -266,6 +280,27 @@ class ErrorCache:
             tmp.write_text(json.dumps(self.data))
             os.replace(tmp, self.path)
         return torch.tensor([self.data[k] for k in keys], dtype=torch.float64)
+
+
+def tuning_problems(out: Path, mixture_batches: Mapping[str, int] = MIXTURE_BATCHES
+                    ) -> tuple[list[MixtureProblem], list[TrainedProblem], ErrorCache]:
+    """The nine tuning problems (the study's mixtures on `mixture_batches`, the trained models, trained
+    first if missing) and the shared score cache, all under <out>/cache."""
+    cache_dir = study.cache_dir(out)
+    (cache_dir / "trained").mkdir(exist_ok=True)
+    bridge = study.PhaseBridge()
+    mixtures = [MixtureProblem(study.Problem(n, f(), bridge, cache_dir), mixture_batches)
+                for n, f in study.TUNING.items()]
+    trained = [TrainedProblem(n, p) for n, p in ensure_trained(cache_dir / "trained").items()]
+    return mixtures, trained, ErrorCache(cache_dir / "trained" / "errors.json")
+
+
+def report_head(command: str, start: float, threads: int, problems: Sequence) -> dict:
+    """The fields every tuning report starts with: command, runtime, machine, problem names."""
+    return {"command": command, "runtime_s": time.time() - start,
+            "platform": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                        f"{threads} thread(s)",
+            "problems": [p.name for p in problems]}
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -316,11 +351,15 @@ def run_stage(
     return result
 
 
+def markdown_head(title: str, report: dict) -> list[str]:
+    """Title and command line of a tuning report (`report_head`'s fields), as markdown lines."""
+    return [f"# {title}", "", f"Command: `{report['command']}` ({report['runtime_s']:.0f} s, "
+            f"{report['platform']}).", ""]
+
+
 def markdown(report: dict) -> str:
     names = report["problems"]
-    lines = [
-        "# Tuned defaults on trained models: the robustness stage", "",
-        f"Command: `{report['command']}` ({report['runtime_s']:.0f} s, {report['platform']}).", "",
+    lines = markdown_head("Tuned defaults on trained models: the robustness stage", report) + [
         "Ratios = RMSE / RMSE of the published setting, per tuning problem (trained models against their",
         f"own NFE-{REFERENCE_NFE} solution, B = {B_TRAINED}; the study's tuning mixtures against the exact "
         "flow, B = 1024).",
@@ -361,23 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.time()
     out = Path(args.out)
-    cache_dir = study.cache_dir(out)
-    (cache_dir / "trained").mkdir(exist_ok=True)
-    bridge = study.PhaseBridge()
-    problems: list = [MixtureProblem(study.Problem(n, f(), bridge, cache_dir))
-                      for n, f in study.TUNING.items()]
-    problems += [TrainedProblem(n, p) for n, p in ensure_trained(cache_dir / "trained").items()]
-    cache = ErrorCache(cache_dir / "trained" / "errors.json")
+    mixtures, trained, cache = tuning_problems(out)
+    problems = mixtures + trained
     table = run_stage(problems, cache, sorted(set(args.nfes)), full=args.full, repick=args.repick)
     flags = [name for name in ("full", "write_defaults") if getattr(args, name)]
     command = "python benchmarks/tuning_trained.py" + "".join(f" --{f.replace('_', '-')}" for f in flags)
-    report = {
-        "command": command, "runtime_s": time.time() - start,
-        "platform": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                    f"{args.threads} thread(s)",
-        "problems": [p.name for p in problems], "problem_keys": [p.key for p in problems],
-        "table": {str(n): r for n, r in table.items()},
-    }
+    report = {**report_head(command, start, args.threads, problems),
+              "problem_keys": [p.key for p in problems], "table": {str(n): r for n, r in table.items()}}
     (out / "tuning_trained.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "tuning_trained.md").write_text(markdown(report))
     if args.write_defaults:

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,15 +37,15 @@ T0, T_REF = 1e-5, 0.999
 #: file's fresh prior batch (1024 draws per mixture, a seed the study does not use). The issue
 #: asks for <= 0.5 on every held-out mixture. The final defaults (benchmarks/results/tuning_table.md,
 #: 8192 draws per mixture) reach it pooled (geometric mean over the four mixtures) at NFE 5 and 10
-#: (0.450, 0.475) but not per mixture (worst: rand16d_s12 0.636 at NFE 5; rand16d_s12 0.502 and
-#: grid4x4 0.513 at NFE 10), and not at NFE 20: there the mixture search's entry lost to the
-#: published setting on trained models (benchmarks/results/tuning_trained.md), so NFE 20 IS the
-#: published setting (ratio 1), as are all NFEs whose searched entry lost on a trained tuning
-#: model. The bounds below are the levels reached, with a margin for the noise of 1024 draws at
-#: NFE 5 and 10: a regression guard, not the issue's target.
+#: (0.394, 0.462) but not per mixture (worst: rand16d_s12 0.701 at NFE 5, 0.510 at NFE 10), and
+#: not at NFE 20 (pooled 0.557, worst 0.825). The mixture search's own NFE-20 pick (order 3, an
+#: earlier hop) reaches it on these mixtures but loses to the published sampler on trained models
+#: (tuning_table.md lists its held-out ratios; tuning_trained.md its losses). The bounds below are
+#: the levels reached, with a margin for the noise of 1024 draws: a regression guard, not the
+#: issue's target.
 HALF_NFES = (5, 10, 20)
-POOLED_BOUND = {5: 0.5, 10: 0.5, 20: 1.0}
-PER_MIXTURE_BOUND = {5: 0.7, 10: 0.7, 20: 1.0}
+POOLED_BOUND = {5: 0.5, 10: 0.55, 20: 0.7}
+PER_MIXTURE_BOUND = {5: 0.85, 10: 0.65, 20: 0.95}
 #: NFEs whose defaults are searched entries (not the published setting): no worse than published
 #: on every held-out mixture.
 NO_WORSE_NFES = (3, 7, 13, 32, 47)
@@ -228,9 +229,16 @@ def test_save_load_round_trip_and_malformed_files(tmp_path):
 
 def test_defaults_are_searched_or_published():
     """Every default is either the published setting or a searched entry that kept its place on
-    the trained tuning models (benchmarks/tuning_trained.py): NFE 20 is the published sampler."""
+    the trained tuning models (benchmarks/tuning_trained.py); NFE 5, 10 and 20 are the admissible
+    picks of the joint search recorded in benchmarks/results/tuning_joint.json."""
     for nfe in range(3, 51):
         T, q, order = tuned_settings(nfe)
         if (q, order) == (2.0, 2) and tuned_fractions(nfe) is None:
             assert T == pytest.approx(published_setting(nfe)[0])
-    assert tuned_settings(20) == (published_setting(20)[0], 2.0, 2)
+    report = Path(__file__).parents[1] / "benchmarks" / "results" / "tuning_joint.json"
+    joint = json.loads(report.read_text())
+    for nfe, record in joint["table"].items():
+        T, q, order, *fractions = record["setting"]
+        assert record["admissible"] and all(r <= 1 for r in record["ratios"].values())
+        assert tuned_settings(int(nfe)) == (T, q, order)
+        assert tuned_fractions(int(nfe)) == (tuple(fractions[0]) if fractions else None)
