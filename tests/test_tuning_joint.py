@@ -62,3 +62,39 @@ def test_search_nfe_finds_the_setting_good_on_mixtures_and_safe_on_trained_model
     expected = problems[0].rmse(nfe, [r["setting"]]) / problems[0].rmse(nfe, [published_setting(nfe)])
     assert r["ratios"]["mix-a"] == pytest.approx(float(expected[0]))
     assert any(k.startswith("mix-a:rows4-8|") for k in cache.data)  # the check half was scored apart
+
+
+def test_ratio_interval_brackets_the_ratio_and_widens_with_rare_large_errors():
+    from psb_fast.benchmarks.tuning_study import ratio_interval
+
+    gen = torch.Generator().manual_seed(0)
+    sq_b = torch.rand(4000, generator=gen, dtype=torch.float64)
+    sq_a = 0.25 * sq_b
+    lo, hi = ratio_interval(sq_a, sq_b)
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)  # a constant per-draw ratio
+    flips = sq_a.clone()
+    flips[:8] = 400.0  # eight draws sent to another mode carry most of the error
+    ratio = float((flips.sum() / sq_b.sum()).sqrt())
+    lo, hi = ratio_interval(flips, sq_b)
+    assert lo < ratio < hi and hi - lo > 0.3 * ratio
+
+
+def test_current_defaults_labels_the_joint_search_entries():
+    from psb_fast.benchmarks.tuning_study import current_defaults
+    from psb_fast.tuned_defaults import TUNED, TUNED_FRACTIONS
+
+    def entry(nfe):
+        fr = TUNED_FRACTIONS.get(nfe)
+        return {"T": TUNED[nfe][0], "q": TUNED[nfe][1], "order": TUNED[nfe][2],
+                "fractions": list(fr) if fr else None, "source": "tuned", "search": {}}
+
+    previous = {"table": {str(n): entry(n) for n in range(1, 51)}}
+    previous["table"]["7"]["T"] = 0.123  # recorded differently: replaced by the trained-model stage
+    setting = list(TUNED[5]) + ([list(TUNED_FRACTIONS[5])] if 5 in TUNED_FRACTIONS else [])
+    joint = {"5": {"setting": setting, "admissible": True}}
+    _, details = current_defaults(previous, joint)
+    assert details[5]["source"] == "joint"
+    assert details[7]["source"] == "trained" and details[7]["study_setting"][0] == 0.123
+    assert details[6]["source"] == "tuned"
+    joint["5"]["admissible"] = False
+    assert current_defaults(previous, joint)[1][5]["source"] == "tuned"
