@@ -5,14 +5,14 @@ The tables between the "generated" markers are written by benchmarks/tuning_stud
 
     python benchmarks/tuning_study.py --write-defaults
     python benchmarks/tuning_trained.py --write-defaults
-    python benchmarks/tuning_joint.py --nfes 5 10 20 --write-defaults
+    python benchmarks/tuning_joint.py --nfes 5 10 12 15 20 --write-defaults
 
 The first chooses each entry on exact-drift Gaussian mixtures by the pathwise RMSE against the
 exact probability flow (see the study's docstring); the second re-scores the entries on trained
 networks (against their own NFE-200 solutions) and on those mixtures, and replaces an entry that
 loses to the published setting on any of them (benchmarks/results/tuning_trained.md); the third
-searches NFE 5, 10 and 20 again with both kinds of problem in one objective and writes an entry
-only where the result beats the published setting on all of them (tuning_joint.md). Then
+searches NFE 5, 10, 12, 15 and 20 again with both kinds of problem in one objective and writes an
+entry only where the result beats the published setting on all of them (tuning_joint.md). Then
 `python benchmarks/tuning_study.py --evaluate-only` re-checks the final table on the held-out
 mixtures (benchmarks/results/tuning_table.md). A grid is given by
 fractions 0 = r_0 < r_1 < ... < r_{n-1} = 1 in the power-q coordinate:
@@ -46,10 +46,10 @@ TUNED: dict[int, tuple[float, float, int]] = {
     9: (0.72937, 1.375, 2),
     10: (0.75267, 1.375, 2),
     11: (0.72, 2.0, 2),
-    12: (0.74, 2.0, 2),
+    12: (0.83, 1.25, 2),
     13: (0.77621, 1.625, 2),
     14: (0.78, 2.0, 2),
-    15: (0.8, 2.0, 2),
+    15: (0.83, 1.5, 2),
     16: (0.8200000000000001, 2.0, 2),
     17: (0.8400000000000001, 2.0, 2),
     18: (0.8600000000000001, 2.0, 2),
@@ -105,6 +105,14 @@ TUNED_FRACTIONS: dict[int, tuple[float, ...]] = {
     ),
     10: (
         0.0, 0.05232, 0.22601, 0.34245, 0.45888, 0.56424, 0.65956, 0.78824, 0.90467, 1.0
+    ),
+    12: (
+        0.0, 0.06035, 0.19466, 0.30463, 0.39466, 0.46837, 0.55841, 0.64844, 0.73847, 0.8285, 0.91854,
+        1.0
+    ),
+    15: (
+        0.0, 0.07105, 0.16696, 0.23801, 0.30906, 0.37335, 0.43764, 0.50869, 0.57298, 0.64403, 0.71508,
+        0.79361, 0.86466, 0.93571, 1.0
     ),
     20: (
         0.0, 0.03475, 0.1121, 0.16394, 0.21579, 0.26763, 0.31947, 0.37132, 0.42316, 0.47501, 0.52192,
