@@ -57,7 +57,7 @@ if str(ROOT) not in sys.path:
 
 from psb_fast.benchmarks import tuning_study as study  # noqa: E402
 from psb_fast.benchmarks import tuning_trained as robust  # noqa: E402
-from psb_fast.tuned_defaults import TUNED, TUNED_FRACTIONS  # noqa: E402
+from psb_fast.tuned_defaults import TUNED, default_setting  # noqa: E402
 from psb_fast.tuning import optimize_grid, published_setting  # noqa: E402
 
 NFES = (5, 10, 12, 15, 20)
@@ -95,11 +95,6 @@ class Scorer:
         return joint_objective(self.ratios(settings).log(), self.is_trained)
 
 
-def current_default(nfe: int) -> tuple:
-    fr = TUNED_FRACTIONS.get(nfe)
-    return robust.canonical(tuple(TUNED[nfe]) + ((tuple(fr),) if fr is not None else ()), nfe)
-
-
 def search_nfe(problems: Sequence, is_trained: torch.Tensor, sizes: Sequence[int], cache: robust.ErrorCache,
                nfe: int, orders: Sequence[int] = ORDERS, progress: bool = True) -> dict:
     """Sweep, compass search and check at one NFE (module docstring); returns the record."""
@@ -108,7 +103,7 @@ def search_nfe(problems: Sequence, is_trained: torch.Tensor, sizes: Sequence[int
     search = Scorer([h[0] for h in halves], is_trained, cache, nfe)
     check = Scorer([h[1] for h in halves], is_trained, cache, nfe)
     powers = [robust.canonical((T, q, o), nfe) for T in TS for q in QS for o in orders]
-    sweep = list(dict.fromkeys([current_default(nfe), *powers]))
+    sweep = list(dict.fromkeys([robust.canonical(default_setting(nfe), nfe), *powers]))
     J_sweep = search(sweep)
     runs = []
     for order in sorted({s[2] for s in sweep}):  # one compass search from the best sweep setting per order
@@ -192,13 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         table[nfe] = search_nfe(problems, is_trained, sizes, cache, nfe, orders)
     command = "python benchmarks/tuning_joint.py --nfes " + " ".join(map(str, sorted(set(args.nfes))))
     command += " --write-defaults" if args.write_defaults else ""
-    command += " --orders " + " ".join(map(str, args.orders)) if args.orders else ""
+    command += (" --orders " + " ".join(map(str, args.orders))) if args.orders else ""
     report = {**robust.report_head(command, start, args.threads, problems),
               "table": {str(n): r for n, r in table.items()}}
     (out / "tuning_joint.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "tuning_joint.md").write_text(markdown(report))
     if args.write_defaults:
-        picks = {n: current_default(n) for n in TUNED}
+        picks = {n: default_setting(n) for n in TUNED}
         picks.update({n: r["setting"] for n, r in table.items() if r["admissible"]})
         study.write_defaults(picks, study.DEFAULTS_COMMANDS + (command,),
                              ROOT / "psb_fast" / "tuned_defaults.py")

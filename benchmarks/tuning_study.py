@@ -89,7 +89,7 @@ from psb_fast.oracles import (  # noqa: E402
     mixture_random,
     ode_solution,
 )
-from psb_fast.tuned_defaults import TUNED, TUNED_FRACTIONS  # noqa: E402
+from psb_fast.tuned_defaults import default_setting  # noqa: E402
 from psb_fast.tuning import (  # noqa: E402
     T_REF,
     optimize_grid,
@@ -381,18 +381,23 @@ def search(tuning, cfg, max_rows) -> tuple[dict[int, tuple], dict[int, dict]]:
     return chosen, details
 
 
+def as_setting(stored: Sequence) -> tuple:
+    """A setting read back from JSON ([T, q, order] or [T, q, order, fractions or None]) as the
+    tuple the sampler code and tuned_defaults use."""
+    T, q, order, *rest = stored
+    return (T, q, order) + ((tuple(rest[0]),) if rest and rest[0] is not None else ())
+
+
 def current_defaults(previous: dict, joint: dict | None = None) -> tuple[dict[int, tuple], dict[int, dict]]:
     """The settings of psb_fast/tuned_defaults.py for NFE 1..50, and per NFE the search record of
     `previous` (a tuning.json). An NFE whose setting is the admissible result of the joint search
     (`joint`: tuning_joint.json's "table") has source "joint"; one that otherwise differs from the
     recorded setting was replaced by the trained-model stage (benchmarks/tuning_trained.py): source
     "trained". Either way the study's pick is kept as "study_setting"."""
-    joint_settings = {int(n): tuple(r["setting"][:3]) + tuple(tuple(f) for f in r["setting"][3:])
-                      for n, r in (joint or {}).items() if r["admissible"]}
+    joint_settings = {int(n): as_setting(r["setting"]) for n, r in (joint or {}).items() if r["admissible"]}
     chosen, details = {}, {}
     for nfe in range(1, 51):
-        fractions = TUNED_FRACTIONS.get(nfe)
-        chosen[nfe] = tuple(TUNED[nfe]) + ((tuple(fractions),) if fractions else ())
+        chosen[nfe] = default_setting(nfe)
         rec = previous["table"][str(nfe)]
         recorded = (rec["T"], rec["q"], rec["order"])
         if rec.get("fractions"):
@@ -449,8 +454,8 @@ def heldout_record(heldout, nfe, setting, pub, cfg, max_rows) -> dict:
     per = {p.name: {"tuned_rmse": float(errs[m, 0]), "published_rmse": float(errs[m, 1]),
                     "ratio": float(ratio[m])} for m, p in enumerate(heldout)}
     if nfe in HALF_NFES:
+        batch = (cfg["B_heldout"], SEEDS["heldout"], max_rows)
         for p in heldout:
-            batch = (cfg["B_heldout"], SEEDS["heldout"], max_rows)
             (tuned_d, pub_d), sq = flip_diagnostics(p, nfe, [setting, pub], *batch)
             per[p.name]["diagnostics"] = {"tuned": tuned_d, "published": pub_d}
             per[p.name]["ratio_interval_90"] = list(ratio_interval(sq[0], sq[1]))
@@ -463,10 +468,8 @@ def heldout_record(heldout, nfe, setting, pub, cfg, max_rows) -> dict:
 def study_pick_record(heldout, nfe, study_pick: Sequence, cfg, max_rows) -> dict:
     """Held-out ratios to published of the mixture search's own pick at an NFE whose default a later
     stage replaced: what the exact-drift search alone reached there."""
-    T, q, order, *fractions = study_pick
-    setting = (T, q, order) + ((tuple(fractions[0]),) if fractions and fractions[0] else ())
-    errs = evaluate(heldout, nfe, [setting, published_setting(nfe)], cfg["B_heldout"], SEEDS["heldout"],
-                    max_rows)
+    errs = evaluate(heldout, nfe, [as_setting(study_pick), published_setting(nfe)], cfg["B_heldout"],
+                    SEEDS["heldout"], max_rows)
     ratio = errs[:, 0] / errs[:, 1]
     return {"setting": list(study_pick), "ratios": {p.name: float(ratio[m]) for m, p in enumerate(heldout)},
             "ratio_gmean": float(torch.exp(torch.log(ratio).mean()))}

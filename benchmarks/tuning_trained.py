@@ -69,7 +69,7 @@ from psb_fast.benchmarks import tuning_study as study  # noqa: E402
 from psb_fast.config import TrainConfig  # noqa: E402
 from psb_fast.pretrained import load_trained  # noqa: E402
 from psb_fast.train import CHECKPOINT, train_or_resume  # noqa: E402
-from psb_fast.tuned_defaults import TUNED, TUNED_FRACTIONS  # noqa: E402
+from psb_fast.tuned_defaults import TUNED, TUNED_FRACTIONS, default_setting  # noqa: E402
 from psb_fast.tuning import published_setting, reference_solution, settings_rmse  # noqa: E402
 
 TOY_SETS = ("checkerboard", "spiral", "rings", "gmm-grid")
@@ -410,8 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "tuning_trained.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "tuning_trained.md").write_text(markdown(report))
     if args.write_defaults:
-        picks = {n: tuple(TUNED[n]) + ((tuple(TUNED_FRACTIONS[n]),) if n in TUNED_FRACTIONS else ())
-                 for n in TUNED}
+        picks = {n: default_setting(n) for n in TUNED}
         for n, r in table.items():
             if r["pick"] != "tuned":  # a kept entry is written exactly as it was
                 picks[n] = r["setting"]

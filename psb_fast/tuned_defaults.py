@@ -134,6 +134,13 @@ def tuned_fractions(nfe: int) -> tuple[float, ...] | None:
     return TUNED_FRACTIONS.get(nfe)
 
 
+def default_setting(nfe: int) -> tuple:
+    """The default as one setting of `psb_fast.tuning`: (T, q, order), plus the fractions when this
+    NFE has a tuned free grid."""
+    fractions = tuned_fractions(nfe)
+    return tuned_settings(nfe) + ((fractions,) if fractions is not None else ())
+
+
 def grid_from_setting(
     nfe: int, t0: float, T: float, q: float, fractions: Sequence[float] | None = None
 ) -> torch.Tensor:

@@ -14,6 +14,7 @@ from psb_fast.reference.sampler import sample_ode
 from psb_fast.tuned_defaults import (
     TUNED,
     TUNED_FRACTIONS,
+    default_setting,
     grid_from_setting,
     tuned_fractions,
     tuned_grid,
@@ -124,7 +125,7 @@ def heldout():
 def _ratios(heldout, nfe: int) -> torch.Tensor:
     """tuned / published RMSE per held-out mixture, [4]."""
     bridge, problems = heldout
-    tuned = tuned_settings(nfe) + ((TUNED_FRACTIONS[nfe],) if nfe in TUNED_FRACTIONS else ())
+    tuned = default_setting(nfe)
     errs = torch.stack([settings_rmse(model, bridge, m0, target, nfe, [tuned, published_setting(nfe)],
                                       max_rows=8192) for model, m0, target in problems])
     return errs[:, 0] / errs[:, 1]
@@ -242,3 +243,11 @@ def test_defaults_are_searched_or_published():
         assert record["admissible"] and all(r <= 1 for r in record["ratios"].values())
         assert tuned_settings(int(nfe)) == (T, q, order)
         assert tuned_fractions(int(nfe)) == (tuple(fractions[0]) if fractions else None)
+
+
+def test_default_setting_is_the_tuned_entry_with_its_grid():
+    for nfe in range(1, 60):
+        fractions = tuned_fractions(nfe)
+        expected = tuned_settings(nfe) + ((fractions,) if fractions is not None else ())
+        assert default_setting(nfe) == expected
+    assert len(default_setting(20)) == 4 and default_setting(20)[3] == TUNED_FRACTIONS[20]
