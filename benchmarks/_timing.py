@@ -1,4 +1,4 @@
-"""Shared timing and roofline functions of the kernel benchmarks (SPEC §5).
+"""Shared timing and roofline functions of the kernel benchmarks (docs/math.md §12.3).
 
     median_time(fn, warmup, reps, sync)   median seconds per call
     interleaved_medians(fns, ...)         the same for several callables, run in turn (fair under load)

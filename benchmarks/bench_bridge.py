@@ -1,4 +1,4 @@
-"""bridge_sample benchmarks (SPEC §2, §5): fused backends against the plain-PyTorch reference.
+"""bridge_sample benchmarks (docs/math.md §5.1, §12): fused backends against the plain-PyTorch reference.
 
 pytest-benchmark suite (triton cases need CUDA):
 

@@ -1,4 +1,4 @@
-"""sde_step benchmarks (SPEC §3, §5): the fused affine + 2x2 noise update against the reference.
+"""sde_step benchmarks (docs/math.md §9, §12): the fused affine + 2x2 noise update against the reference.
 
 pytest-benchmark suite (triton cases need CUDA):
 
@@ -34,8 +34,7 @@ from psb_fast.benchmarks._timing import (
 )
 from psb_fast.bridge import PhaseBridge
 from psb_fast.multistep import multistep_coefficients
-from psb_fast.reference.steps import cholesky2, transition_covariance
-from psb_fast.stepping import sde_step
+from psb_fast.stepping import noise_cholesky, sde_step, transition_covariance
 
 CPU_SHAPE = (256, 3, 32, 32)
 CUDA_SHAPES = ((2048, 4, 32, 32), (8192, 4, 32, 32))  # 8.4M and 33.6M elements of x
@@ -94,7 +93,7 @@ def suite_case(
     m, F = make_inputs(sweep_shape(numel), dtype, device)
     fns = {backend: step_fn("exact", bridge, m, F, backend) for backend in ("reference", ours)}
     exact = exact_coefficients(bridge, T, H)
-    args = (F, H, exact["cx"], exact["cv"], cholesky2(*transition_covariance(bridge.p, T, H)))
+    args = (F, H, exact["cx"], exact["cv"], noise_cholesky(transition_covariance(bridge.p, T, H)))
     return KernelCase(fns, None if compiled is None else (lambda: compiled(m, *args)),
                       step_bytes("exact", numel, m.element_size()))
 
@@ -169,7 +168,7 @@ def cuda_rows(
         f"{kind} triton": step_fn(kind, bridge, m, F, "triton") for kind in KINDS
     }
     exact = exact_coefficients(bridge, T, H)
-    args = (F, H, exact["cx"], exact["cv"], cholesky2(*transition_covariance(bridge.p, T, H)))
+    args = (F, H, exact["cx"], exact["cv"], noise_cholesky(transition_covariance(bridge.p, T, H)))
     fns["exact eager reference formulation"] = lambda: reference_formulation(m, *args)
     try:
         compiled(m, *args)

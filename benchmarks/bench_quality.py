@@ -2,7 +2,7 @@
 
     python -m psb_fast.benchmarks.bench_quality [--quick] --out benchmarks/results
 
-Data: two mixtures held out of the tuning study (benchmarks/tuning_study.py), grid4x4 =
+Data: two mixtures held out of the tuning study (studies/tuning_study.py), grid4x4 =
 mixture_2d_grid(n=4, spacing=0.9, std=0.1) and rand16d_s12 = mixture_random(dim=16, k=6, seed=12).
 Every method draws B samples from its own prior and calls its exact network target (AGM:
 GaussianMixture.as_model; peers: psb_fast.benchmarks.peers), so only dynamics and solver differ.
@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from psb_fast.benchmarks import peers
 from psb_fast.bridge import PhaseBridge
 from psb_fast.oracles import GaussianMixture, mixture_2d_grid, mixture_random, ode_solution
-from psb_fast.sampler import PhaseSampler, published_T
+from psb_fast.sampler import PhaseSampler
+from psb_fast.settings import T_END, published_setting  # T_END: AGM reference output time (0.999)
 
 NFES = (3, 5, 10, 20, 50)
 MIXTURES: dict[str, Callable[[], GaussianMixture]] = {
@@ -54,7 +55,6 @@ SETTINGS = {  # batch size and number of seeds
     "full": {"batch": 1024, "seeds": (0, 1, 2, 3, 4)},
 }
 RTOL = 1e-10
-T_REF = 0.999  # AGM reference output: the x1 estimate of the exact flow at t = 0.999
 SW_PROJECTIONS = 200
 SW_SEED = 0
 T0 = 1e-5
@@ -74,7 +74,7 @@ def _agm(mode: str, published: bool):
     solver = "ode" if mode == "probODE" else "sde"
 
     def run(ctx: dict, prior: torch.Tensor, nfe: int, seed: int) -> tuple[torch.Tensor, int]:
-        kwargs = {"T": published_T(nfe), "order": 2 if solver == "ode" else None, "grid": "rev-quad"}
+        kwargs = {**published_setting(nfe).sampler_kwargs(), **({} if solver == "ode" else {"order": None})}
         sampler = PhaseSampler(ctx["bridges"][mode], nfe, solver=solver, backend="cpu",
                                **(kwargs if published else {}))
         x = sampler.sample(ctx["models"][mode], prior.float(), seed=seed if solver != "ode" else None)
@@ -134,9 +134,9 @@ def _priors(ctx: dict, n: int, dim: int, seed: int) -> dict[str, torch.Tensor]:
 def _references(ctx: dict, mix: GaussianMixture, priors: dict) -> dict[str, torch.Tensor]:
     """Each ODE family's exact output from the same prior draw (module docstring)."""
     bridge = ctx["bridges"]["probODE"]
-    m_ref = ode_solution(mix, bridge, priors["agm"], T0, T_REF, rtol=RTOL, atol=RTOL)
+    m_ref = ode_solution(mix, bridge, priors["agm"], T0, T_END, rtol=RTOL, atol=RTOL)
     return {
-        "agm": bridge.estimate_x1(m_ref, mix.drift(bridge, m_ref, T_REF), T_REF),
+        "agm": bridge.estimate_x1(m_ref, mix.drift(bridge, m_ref, T_END), T_END),
         "vp": peers.vp_ode_solution(ctx["vp"], ctx["schedule"], priors["vp"], RTOL, RTOL),
         "fm": peers.fm_ode_solution(ctx["fm"], priors["fm"], RTOL, RTOL),
     }
@@ -200,7 +200,7 @@ def run_quality(
         "command": "python -m psb_fast.benchmarks.bench_quality" + (" --quick" if quick else ""),
         "quick": quick, "batch": batch, "seeds": list(seeds), "nfes": list(nfes),
         "units": {"rmse": "data units (pathwise, vs own exact ODE)", "sw": "data units (sliced W2)"},
-        "reference": {"solver": "scipy DOP853", "rtol": RTOL, "atol": RTOL, "agm_T_ref": T_REF},
+        "reference": {"solver": "scipy DOP853", "rtol": RTOL, "atol": RTOL, "agm_T_ref": T_END},
         "sw": {"n_projections": SW_PROJECTIONS, "projection_seed": SW_SEED, "p": 2},
         "peers": {"vp": vars(peers.VPSchedule()), "cld": {**vars(peers.CLD()), "Gamma": peers.CLD().Gamma}},
         "mixtures": result,

@@ -1,14 +1,24 @@
-"""Sampler overhead: PhaseSampler.sample vs a loop written the published way, with a zero model.
+"""Sampler overhead with a zero model: PhaseSampler.sample against a lean loop, a peer library's
+loop and a loop written the published way. The model returns a fresh zero tensor, so the time is
+the sampler's own. Side-by-side medians of interleaved runs in one process, NFE 10, 2 torch threads:
 
-The published-way loop keeps the state in float64, evaluates each step's multistep
-coefficients with the official 50,000-point Riemann sum (normalizer at every point), and
-builds the network input with torch.cat of x and v. The model returns zeros, so the time is
-the sampler's own. Side-by-side medians in one process:
+    python benchmarks/bench_sampler.py            # --nfe, --reps, --threads; --no-published: part 1 only
 
-    python benchmarks/bench_sampler.py            # NFE 10: B=64 x [3,32,32] and B=4096 x [2]
-
-It also times building the multistep coefficients (NFE 20, order 2, rev-quad to T = 0.9):
-`multistep_coefficients` (Gauss-Legendre, what PhaseSampler caches) vs the Riemann sums.
+1. Overhead table, state m0 = [B, 2C, ...] of B x [2], 4096 x [2] and 64 x [6, 32, 32] (B = 256):
+   - "lean loop" (`lean_loop`): the same steps written as plainly as torch allows: one model call,
+     one in-place multistep update of x and v per step with precomputed coefficients, then the hop;
+   - "PhaseSampler": `PhaseSampler(...).sample` (backend "cpu"), with its checks (arguments once
+     per call; finiteness of every model output and state; the multistep history's version
+     counters) and hooks;
+   - "peer loop": diffusers' DPMSolverMultistepScheduler (DPM-Solver++(2M), the same kind of
+     2nd-order multistep) stepping a state of the same size with the same zero model, if
+     `diffusers` is installed (the `bench` extra); "-" otherwise.
+   The table's ratio is PhaseSampler / lean loop.
+2. PhaseSampler against the published-way loop (`published_loop`: float64 state, each step's
+   coefficients by the official 50,000-point Riemann sum, network input by torch.cat), B = 64 x
+   [3, 32, 32] and 4096 x [2] (x's shape); and the time to build the multistep coefficients (NFE
+   20, order 2, rev-quad to T = 0.9): `multistep_coefficients` (Gauss-Legendre, what PhaseSampler
+   caches) against the Riemann sums.
 """
 
 from __future__ import annotations
@@ -18,12 +28,104 @@ import argparse
 import torch
 
 from psb_fast import PhaseBridge, PhaseSampler
-from psb_fast.benchmarks._timing import interleaved_medians
+from psb_fast.benchmarks._timing import interleaved_medians, median_time
 from psb_fast.multistep import multistep_coefficients
 from psb_fast.reference.grids import rev_quad_grid
 
 RIEMANN_POINTS = 50_000
-SHAPES = ((64, 3, 32, 32), (4096, 2))
+SHAPES = ((64, 3, 32, 32), (4096, 2))  # x's shape, published-way comparison
+LEAN_SHAPES = ((256, 2), (4096, 2), (64, 6, 32, 32))  # m0's shape [B, 2C, ...], overhead table
+T_HOP, ORDER = 0.7, 2
+
+
+# ----------------------------------------------------------------------------- the lean loop
+
+
+def lean_plan(sampler: PhaseSampler, m0: torch.Tensor) -> tuple:
+    """What the lean loop precomputes once: per-evaluation [B] time tensors, per-step (h, Cx, Cv)
+    as floats, and the hop weights (a_F, a_x, a_v) at T."""
+    co = sampler.coefficients
+    times = [torch.full((m0.shape[0],), t, dtype=m0.dtype) for t in sampler.grid.tolist()]
+    steps = [(h, Cx[: min(i, sampler.order) + 1], Cv[: min(i, sampler.order) + 1])
+             for i, (h, Cx, Cv) in enumerate(zip(co.h.tolist(), co.Cx.tolist(), co.Cv.tolist(), strict=True))]
+    return times, steps, sampler.bridge.hop_weights(sampler.T)
+
+
+def lean_loop(model, m0: torch.Tensor, plan: tuple) -> torch.Tensor:
+    """The probability-flow sampler with the hop as a lean in-place torch loop (float32 state)."""
+    times, steps, (a_f, a_x, a_v) = plan
+    m = m0.clone()
+    c = m.shape[1] // 2
+    x, v = m[:, :c], m[:, c:]
+    history: list[torch.Tensor] = []
+    for i, t in enumerate(times):
+        F = model(m, t)
+        history = [F, *history[: ORDER]]
+        if i == len(steps):
+            break
+        h, Cx, Cv = steps[i]
+        x.add_(v, alpha=h)  # x += h v + sum_j Cx_j F_{i-j}
+        for a, b, F_j in zip(Cx, Cv, history, strict=False):
+            x.add_(F_j, alpha=a)
+            v.add_(F_j, alpha=b)  # v += sum_j Cv_j F_{i-j}
+    return x.mul(a_x).add_(v, alpha=a_v).add_(F, alpha=a_f)  # the hop at T
+
+
+# ----------------------------------------------------------------------------- a peer library's loop
+
+
+def peer_loop(nfe: int):
+    """diffusers' DPM-Solver++(2M) loop with a zero model, as a function of the state (None if
+    diffusers is not installed). Per call: set_timesteps, then nfe scheduler steps."""
+    try:
+        from diffusers import DPMSolverMultistepScheduler
+    except ImportError:
+        return None
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++",
+                                            solver_order=2)
+
+    def run(sample: torch.Tensor) -> torch.Tensor:
+        scheduler.set_timesteps(nfe)
+        for t in scheduler.timesteps:
+            sample = scheduler.step(torch.zeros_like(sample), t, sample).prev_sample
+        return sample
+
+    return run
+
+
+def zero_model(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(m[:, : m.shape[1] // 2])
+
+
+def overhead_table(nfe: int, reps: int) -> list[dict]:
+    """Per m0 shape: median ms of the lean loop, PhaseSampler and the peer loop (None if absent).
+
+    The lean loop and PhaseSampler are timed in turn (`interleaved_medians`, so that load drifts
+    hit both alike), each sample averaging enough calls to last about 2 ms; the peer, 20-40x
+    slower, is timed on its own after them (median of max(3, reps // 4) calls).
+    """
+    bridge = PhaseBridge()
+    sampler = PhaseSampler(bridge, nfe, T=T_HOP, order=ORDER, grid="rev-quad", backend="cpu")
+    peer = peer_loop(nfe)
+    rows = []
+    for shape in LEAN_SHAPES:
+        m0 = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        plan = lean_plan(sampler, m0)
+        lean = lean_loop(zero_model, m0, plan)
+        assert torch.allclose(sampler.sample(zero_model, m0), lean, atol=1e-5), "the loops disagree"
+        fns = {"lean": lambda m0=m0, plan=plan: lean_loop(zero_model, m0, plan),
+               "ours": lambda m0=m0: sampler.sample(zero_model, m0)}
+        inner = max(1, round(2e-3 / median_time(fns["ours"], warmup=2, reps=3)))
+        ms = {name: s * 1e3 for name, s in interleaved_medians(fns, warmup=2, reps=reps, inner=inner).items()}
+        peer_ms = None
+        if peer is not None:
+            peer_ms = median_time(lambda m0=m0: peer(m0), warmup=1, reps=max(3, reps // 4)) * 1e3
+        rows.append({"shape": list(shape), "lean_ms": ms["lean"], "phase_sampler_ms": ms["ours"],
+                     "ratio": ms["ours"] / ms["lean"], "peer_ms": peer_ms})
+    return rows
+
+
+# ----------------------------------------------------------------------------- the published way
 
 
 def riemann_coefficients(bridge: PhaseBridge, times: list[float], i: int, t_next: float, order: int):
@@ -79,34 +181,46 @@ def coefficient_build_times(bridge: PhaseBridge, reps: int, nfe: int = 20, T: fl
     )
 
 
-def zero_model(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(m[:, : m.shape[1] // 2])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--nfe", type=int, default=10)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=21, help="interleaved timed runs per case")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--no-published", action="store_true", help="skip part 2 (minutes: the Riemann sums)")
     args = parser.parse_args()
-    bridge = PhaseBridge()
-    sampler = PhaseSampler(bridge, args.nfe, T=0.7, order=2, grid="rev-quad", backend="cpu")
+    torch.set_num_threads(args.threads)
     print(f"sample() with a zero model, NFE {args.nfe}, {torch.get_num_threads()} torch threads, "
           f"median of {args.reps} interleaved runs")
+    print("| m0 shape | lean loop (ms) | PhaseSampler (ms) | ratio | peer loop (ms): diffusers "
+          "DPM-Solver++(2M) |")
+    print("|---|---|---|---|---|")
+    for row in overhead_table(args.nfe, args.reps):
+        peer = "-" if row["peer_ms"] is None else f"{row['peer_ms']:.2f}"
+        shape = f"{row['shape'][0]} x {row['shape'][1:]}"
+        print(f"| {shape} | {row['lean_ms']:.3f} | {row['phase_sampler_ms']:.3f} | {row['ratio']:.2f}x "
+              f"| {peer} |")
+    if args.no_published:
+        return
+
+    bridge = PhaseBridge()
+    sampler = PhaseSampler(bridge, args.nfe, T=T_HOP, order=ORDER, grid="rev-quad", backend="cpu")
+    reps = max(3, args.reps // 3)
+    print(f"\nPhaseSampler vs the published-way loop (median of {reps}):")
     for shape in SHAPES:
         m0 = bridge.sample_prior(shape, generator=torch.Generator().manual_seed(0))
-        out_pub = published_loop(zero_model, m0, bridge, args.nfe, 0.7)
+        out_pub = published_loop(zero_model, m0, bridge, args.nfe, T_HOP)
         assert torch.allclose(sampler.sample(zero_model, m0), out_pub, atol=1e-4), "the two loops disagree"
         medians = interleaved_medians(
             {"PhaseSampler": lambda m0=m0: sampler.sample(zero_model, m0),
-             "published loop": lambda m0=m0: published_loop(zero_model, m0, bridge, args.nfe, 0.7)},
-            warmup=1, reps=args.reps,
+             "published loop": lambda m0=m0: published_loop(zero_model, m0, bridge, args.nfe, T_HOP)},
+            warmup=1, reps=reps,
         )
         ours, pub = medians["PhaseSampler"], medians["published loop"]
         print(f"  x {list(shape)}: PhaseSampler {ours * 1e3:8.2f} ms   published loop {pub * 1e3:8.2f} ms"
               f"   ratio {pub / ours:5.1f}x")
-    build = coefficient_build_times(bridge, args.reps)
+    build = coefficient_build_times(bridge, reps)
     print(f"coefficient build, NFE 20, order 2: Gauss-Legendre {build['Gauss-Legendre'] * 1e3:.2f} ms, "
           f"Riemann sum {build['Riemann sum'] * 1e3:.1f} ms")
 

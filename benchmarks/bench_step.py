@@ -1,4 +1,4 @@
-"""phase_step / phase_hop benchmarks (SPEC §3, §5): fused backends against the reference.
+"""phase_step / phase_hop benchmarks (docs/math.md §7, §8, §12): fused backends against the reference.
 
 pytest-benchmark suite (triton cases need CUDA):
 

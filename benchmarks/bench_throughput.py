@@ -2,8 +2,9 @@
 
 Sampler: samples/s of PhaseSampler.sample against a loop written the published way
 (bench_sampler.published_loop: float64 state, per-step 50,000-point Riemann-sum coefficients,
-torch.cat of x and v), both with the published settings (T = published_T(nfe), order 2,
-rev-quad, hop) on an untrained network: a small MLP on 2-D data and the digits UNet ([1, 8, 8]).
+torch.cat of x and v), both with the published settings (`published_setting(nfe)`: T =
+published_T(nfe), order 2, rev-quad, hop) on an untrained network: a small MLP on 2-D data and the
+digits UNet ([1, 8, 8]).
 On CUDA, PhaseSampler also runs with cuda_graph=True. Medians of interleaved runs, no grad.
 
 Training: optimizer steps/s of psb_fast.train.train (summary["steps_per_s"], checkpoint time
@@ -28,7 +29,8 @@ import torch
 from psb_fast.bridge import PhaseBridge
 from psb_fast.config import TrainConfig
 from psb_fast.models import make_model
-from psb_fast.sampler import PhaseSampler, published_T
+from psb_fast.sampler import PhaseSampler
+from psb_fast.settings import published_setting
 
 from ._timing import interleaved_medians, synchronizer
 from .bench_sampler import published_loop
@@ -87,7 +89,8 @@ def sampler_throughput(
 def _graph_fn(bridge: PhaseBridge, model: torch.nn.Module, m0: torch.Tensor, nfe: int, T: float,
               where: dict, errors: list) -> Callable[[], object] | None:
     """PhaseSampler(cuda_graph=True).sample, captured now; None (and an `errors` entry) if capture fails."""
-    graphed = PhaseSampler(bridge, nfe, T=T, order=2, grid="rev-quad", cuda_graph=True)
+    published_at_T = published_setting(nfe).replace(T=T)
+    graphed = PhaseSampler(bridge, nfe, **published_at_T.sampler_kwargs(), cuda_graph=True)
     fn = partial(graphed.sample, model, m0)
     try:
         with torch.no_grad():
@@ -112,8 +115,8 @@ def _sampler_rows(device: str, quick: bool, reps: int | None, errors: list) -> l
             gen = torch.Generator().manual_seed(0)
             m0 = bridge.sample_prior((batch, *spec.x_shape), generator=gen).to(device)
             for nfe in nfes:
-                T = published_T(nfe)
-                ours = PhaseSampler(bridge, nfe, T=T, order=2, grid="rev-quad", backend="auto")
+                T = published_setting(nfe).T
+                ours = PhaseSampler(bridge, nfe, **published_setting(nfe).sampler_kwargs(), backend="auto")
                 fns = {
                     "PhaseSampler": partial(ours.sample, model, m0),
                     "published loop": partial(published_loop, model, m0, bridge, nfe, T),

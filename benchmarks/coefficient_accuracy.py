@@ -1,6 +1,6 @@
 """Relative error of Lvv, ell, AA and N(t) against the 50-digit oracle: naive float64 vs PhaseBridge.
 
-"naive" evaluates SPEC §1's closed forms as written in float64 (Lvv = sqrt(Svv - Lxv^2),
+"naive" evaluates the closed forms of docs/math.md §2.4 as written in float64 (Lvv = sqrt(Svv - Lxv^2),
 AA = Lxx/tau + Lxv); "ours" is PhaseBridge.coefficients. The oracle
 (psb_fast.reference.high_precision) solves the Lyapunov ODE by a 50-digit matrix exponential,
 independent of the closed forms. Usage: python benchmarks/coefficient_accuracy.py
@@ -21,7 +21,7 @@ FIELDS = ("lvv", "ell", "AA", "normalizer")
 
 
 def naive(bridge: PhaseBridge, t: float) -> dict[str, float]:
-    """SPEC §1-2 closed forms in t, evaluated as written in float64."""
+    """The closed forms in t (docs/math.md §2.4, §4.1), evaluated as written in float64."""
     p2, c, varx, varv = bridge.p**2, bridge.c, bridge.varx, bridge.varv
     tau = 1.0 - t
     L = math.log(tau)

@@ -15,7 +15,8 @@ import time
 import torch
 
 from psb_fast import PhaseBridge, PhaseSampler
-from psb_fast.oracles import T_END, mixture_2d_grid, ode_solution
+from psb_fast.oracles import mixture_2d_grid, ode_solution
+from psb_fast.settings import T_END, published_setting
 
 
 def exact_output(mix, bridge: PhaseBridge, m0: torch.Tensor, T: float, hop: bool) -> torch.Tensor:
@@ -43,9 +44,11 @@ def main() -> None:
     print(f"exact-drift 3x3 Gaussian mixture, B={args.batch}, pathwise RMSE vs scipy DOP853 (rtol 1e-11)")
     print("\npublished settings (order 2, rev-quad, hop):")
     print(f"{'NFE':>4} {'T':>5} {'RMSE':>10} {'sample ms':>10}")
-    for nfe, T in ((5, 0.4), (10, 0.7), (20, 0.9)):
+    for nfe in (5, 10, 20):
+        published = published_setting(nfe)  # T 0.4, 0.7, 0.9
+        T = published.T
         ref = exact_output(mix, bridge, m0, T, hop=True)
-        sampler = PhaseSampler(bridge, nfe, T=T, order=2, grid="rev-quad", backend="cpu")
+        sampler = PhaseSampler(bridge, nfe, **published.sampler_kwargs(), backend="cpu")
         start = time.perf_counter()
         out = sampler.sample(model, m0.float())
         ms = 1e3 * (time.perf_counter() - start)

@@ -6,19 +6,20 @@ Per element, with per-row coefficients (float64 in memory, float32 in registers)
     v_t   = cv x1 + Lxv eps_x + Lvv eps_v
     label = label_x1 x1 + label_eps_x eps_x + label_eps_v eps_v
 
-Noise is drawn in the kernel (Philox, 10 rounds): element g (its global flat index, below) uses
-the Philox counter (lo32(g), hi32(g), 0, 0) under key `seed`; the first two of the four 32-bit
-outputs go through one Box-Muller transform, whose cosine and sine branches are eps_x and eps_v
-(two independent N(0, 1)). One Philox block per element instead of one per normal halves the
-integer work, the kernel's main ALU cost. Since no noise depends on the launch
-geometry, a batch processed in chunks (each with its `row_offset`) gets the same numbers as one
-call on the whole batch. These are the first two outputs of `tl.randn4x(seed, g)` (Triton 3.8).
+Noise is drawn in the kernel (`tiling.normal_pair`): element g (its global flat index, below)
+uses the Philox4x32-10 block with counter (lo32(g), hi32(g), 0, 0) under key `seed`; its first
+two 32-bit words go through one Box-Muller transform, whose cosine and sine branches are eps_x
+and eps_v (two independent N(0, 1)): one Philox block per element, not one per normal. Since no
+noise depends on the launch geometry, a batch processed in chunks (each with its `row_offset`)
+gets the same numbers as one call on the whole batch. They are the SDE kernel's (xi_x, xi_v) of
+the same (seed, g), and are pinned by golden values and a float64 recomputation from an
+independent Philox implementation (tests/test_kernels_native.py, interpreter and GPU alike).
 
-Layout: x1 is flattened to [B, n], n = C * prod(rest); the grid is 1-D over the B * n elements,
-so tiny rows (2-D toy data) and huge batches are both fine. Row r of m is [x_t(r) | v_t(r)], 2n
-long, i.e. m = concat([x_t, v_t], dim=1) of shape [B, 2C, ...] written without a concat.
-Program-level offsets and Philox counters are int64; per-element offsets within a program are
-int32, which bounds a row: n < MAX_ROW = 2**30 - BLOCK.
+Layout: x1 is flattened to [B, n], n = C * prod(rest); programs cover tiles of rows x columns
+(`tiling.py`), so tiny rows (2-D toy data) and long rows are both fine and no element index is
+divided. Each program loads the 8 coefficients of each of its rows once and broadcasts them
+along the row. Row r of m is [x_t(r) | v_t(r)], 2n long, i.e. m = concat([x_t, v_t], dim=1) of
+shape [B, 2C, ...] written without a concat. Program offsets and Philox counters are int64.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
-# Row k of the packed [8, B] float64 coefficient tensor holds PhaseBridge.coefficients(t).<field>.
-COEF_FIELDS = ("cx", "cv", "lxx", "lxv", "lvv", "label_x1", "label_eps_x", "label_eps_v")
+from psb_fast.sample_bridge import COEF_FIELDS as COEF_FIELDS  # re-exported for launches, benchmarks
 
-BLOCK = 1024
-NUM_WARPS = 4
-MAX_ROW = 2**30 - BLOCK
+from .tiling import LAUNCH_OPTIONS, MAX_ROW, normal_pair, tile, tile_grid, tile_ptrs
+
+# Row k of the packed [8, B] float64 coefficient tensor holds PhaseBridge.coefficients(t).<field>
+# for field = COEF_FIELDS[k] (owned by the dispatch, psb_fast.sample_bridge; the cpu path packs
+# the same rows).
+
+# x1's rows must have fewer than MAX_ROW = 2**31 elements (tiling.MAX_ROW, imported here for callers).
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
@@ -50,57 +54,59 @@ def _bridge_sample_kernel(
     offset,
     B,
     n,
-    total,
-    BLOCK: tl.constexpr,
+    stride_m,
+    col_blocks,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     DRAW: tl.constexpr,
 ):
-    """One BLOCK of the flat [B * n] element range.
+    """One tile of BLOCK_R rows x BLOCK_C columns of the [B, n] elements.
 
     x1_ptr: [B, n] storage dtype; coef_ptr: [8, B] float64 (rows in COEF_FIELDS order);
-    m_ptr: [B, 2n] out; label_ptr: [B, n] out; eps_x_ptr, eps_v_ptr: [B, n] noise (read only
-    when DRAW is False); seed: Philox key; offset: global flat index of element (0, 0).
+    m_ptr: [B, 2n] out (stride_m = 2n, passed as an argument so that Triton assumes no more
+    alignment for m's rows than for the others: one layout for every access); label_ptr: [B, n]
+    out; eps_x_ptr, eps_v_ptr: [B, n] noise (read only when DRAW is False); seed: Philox key;
+    offset: global flat index of element (0, 0).
     """
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    row0 = start // n
-    lead = (start - row0 * n).to(tl.int32)  # column of `start` in row row0, < n
-    a = tl.arange(0, BLOCK)
-    mask = a < tl.minimum(total - start, BLOCK).to(tl.int32)
-    local = lead + a  # < n + BLOCK
-    r = local // n  # row - row0
-    # element (row, col) sits at row * n + col in x1 and at row * 2n + col = idx + row * n in m
-    m_off = a + r * n
+    r0, c0, i, j, mask = tile(B, n, col_blocks, BLOCK_R, BLOCK_C)
+    x1 = tl.load(tile_ptrs(x1_ptr, n, r0, c0, i, j), mask=mask, other=0.0).to(tl.float32)
 
-    x1 = tl.load(x1_ptr + start + a, mask=mask, other=0.0).to(tl.float32)
-    c = coef_ptr + row0 + r
-    cx = tl.load(c, mask=mask, other=0.0).to(tl.float32)
-    cv = tl.load(c + B, mask=mask, other=0.0).to(tl.float32)
-    lxx = tl.load(c + 2 * B, mask=mask, other=0.0).to(tl.float32)
-    lxv = tl.load(c + 3 * B, mask=mask, other=0.0).to(tl.float32)
-    lvv = tl.load(c + 4 * B, mask=mask, other=0.0).to(tl.float32)
-    lab_x1 = tl.load(c + 5 * B, mask=mask, other=0.0).to(tl.float32)
-    lab_ex = tl.load(c + 6 * B, mask=mask, other=0.0).to(tl.float32)
-    lab_ev = tl.load(c + 7 * B, mask=mask, other=0.0).to(tl.float32)
+    # The 8 coefficients of each row: [BLOCK_R] loads, broadcast along the columns. Field k of
+    # row r is at k * B + r, reached by adding B to the pointer (no 32-bit k * B product).
+    row_mask = i < tl.minimum(B - r0, BLOCK_R).to(tl.int32)
+    c = coef_ptr + r0 + i
+    cx = tl.load(c, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    c += B
+    cv = tl.load(c, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    c += B
+    lxx = tl.load(c, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    c += B
+    lxv = tl.load(c, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    c += B
+    lvv = tl.load(c, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    c += B
+    lab_x1 = tl.load(c, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    c += B
+    lab_ex = tl.load(c, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    c += B
+    lab_ev = tl.load(c, mask=row_mask, other=0.0).to(tl.float32)[:, None]
 
     if DRAW:
-        g = offset + start + a
-        lo = g.to(tl.uint32)
-        hi = (g >> 32).to(tl.uint32)
-        zero = lo * 0
-        i1, i2, _, _ = tl.philox(seed, lo, hi, zero, zero)
-        eps_x, eps_v = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i1), tl.uint_to_uniform_float(i2))
+        g = (offset + (r0 + tl.cast(i, tl.int64)) * n + c0)[:, None] + j[None, :]
+        eps_x, eps_v = normal_pair(seed, g, x1)
     else:
-        eps_x = tl.load(eps_x_ptr + start + a, mask=mask, other=0.0).to(tl.float32)
-        eps_v = tl.load(eps_v_ptr + start + a, mask=mask, other=0.0).to(tl.float32)
+        eps_x = tl.load(tile_ptrs(eps_x_ptr, n, r0, c0, i, j), mask=mask, other=0.0).to(tl.float32)
+        eps_v = tl.load(tile_ptrs(eps_v_ptr, n, r0, c0, i, j), mask=mask, other=0.0).to(tl.float32)
 
     x_t = cx * x1 + lxx * eps_x
     v_t = cv * x1 + lxv * eps_x + lvv * eps_v
     label = lab_x1 * x1 + lab_ex * eps_x + lab_ev * eps_v
 
-    m_base = m_ptr + start + row0 * n
     out_ty = m_ptr.dtype.element_ty
-    tl.store(m_base + m_off, x_t.to(out_ty), mask=mask)
-    tl.store(m_base + m_off + n, v_t.to(out_ty), mask=mask)
-    tl.store(label_ptr + start + a, label.to(out_ty), mask=mask)
+    x_ptrs = tile_ptrs(m_ptr, stride_m, r0, c0, i, j)
+    tl.store(x_ptrs, x_t.to(out_ty), mask=mask)
+    tl.store(x_ptrs + n, v_t.to(out_ty), mask=mask)
+    tl.store(tile_ptrs(label_ptr, n, r0, c0, i, j), label.to(out_ty), mask=mask)
 
 
 def bridge_sample_triton(
@@ -138,12 +144,12 @@ def bridge_sample_triton(
         eps_x = eps_v = x1  # never read
     else:
         eps_x, eps_v = (e.contiguous() for e in eps)
-    grid = (triton.cdiv(total, BLOCK),)
+    block_r, block_c, col_blocks, grid = tile_grid(B, n)
     with torch.cuda.device(x1.device) if x1.is_cuda else nullcontext():
-        _bridge_sample_kernel[grid](
+        _bridge_sample_kernel[(grid,)](
             x1, coef.contiguous(), m, label, eps_x, eps_v,
-            seed, row_offset * n, B, n, total,
-            BLOCK=BLOCK, DRAW=eps is None, num_warps=NUM_WARPS,
+            seed, row_offset * n, B, n, 2 * n, col_blocks,
+            BLOCK_R=block_r, BLOCK_C=block_c, DRAW=eps is None, **LAUNCH_OPTIONS,
         )
     return m, label
 

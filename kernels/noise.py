@@ -7,11 +7,15 @@ One generic kernel serves every stochastic step: with m = [x | v] ([B, 2C, ...],
     v <- v       + cvF F
     (x, v) += (Lxx xi_x, Lxv xi_x + Lvv xi_v)          (optional)
 
-xi is drawn in the kernel (Philox, tl.randn) keyed by the seed and the element's global index
-g = offset + b * n + j over the x elements of the whole batch: xi_x = randn(seed, 2 g),
-xi_v = randn(seed, 2 g + 1). A chunk of rows [b0, b1) launched with offset = b0 * n therefore
-draws exactly the numbers of those rows in the whole batch, and no noise tensor is written or
-read. Bytes moved per element of x: (4 + [F]) * itemsize.
+xi is drawn in the kernel, keyed by the seed and the element's global index g = offset + b * n
++ j over the x elements of the whole batch: one Philox4x32-10 block per element, counter
+(lo32(g), hi32(g), 0, 0) under the key `seed`, whose first two words give (xi_x, xi_v) through
+one Box-Muller transform (`tiling.normal_pair`, the same draw as the bridge_sample kernel's
+(eps_x, eps_v)). A chunk of rows [b0, b1) launched with offset = b0 * n therefore draws exactly
+the numbers of those rows in the whole batch, and no noise tensor is written or read. Bytes
+moved per element of x: (4 + [F]) * itemsize. (Until the tiled kernels, xi_x and xi_v were the
+cosine branches of two Philox blocks, tl.randn(seed, 2g) and tl.randn(seed, 2g + 1): twice the
+integer work, and a stream that changed with Triton 3.0's 64-bit randint.)
 
 The per-step scalars (h, cxF, cvF and the Cholesky factor (Lxx, Lxv, Lvv)) are computed by the
 caller in float64 (`psb_fast.stepping`); element math is float32. Wrappers:
@@ -32,7 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .step import BLOCK_SIZE, as_rows, launch_shape, on_device, phase_index, row_view
+from psb_fast.backends import as_rows, row_view
+
+from .step import launch_shape, on_device
+from .tiling import LAUNCH_OPTIONS, normal_pair, tile, tile_ptrs
 
 Chol = tuple[float, float, float]
 
@@ -42,41 +49,40 @@ NOISE_NONE, NOISE_PHILOX, NOISE_GIVEN = 0, 1, 2
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _phase_noise_kernel(
     m_ptr, f_ptr, xix_ptr, xiv_ptr,
-    stride_m, stride_f, n, total,
+    stride_m, stride_f, B, n, col_blocks,
     h, cx_f, cv_f, lxx, lxv, lvv, seed, offset,
     HAS_F: tl.constexpr, NOISE: tl.constexpr, NOISE_X: tl.constexpr,
-    BLOCK: tl.constexpr, ROW_ALIGNED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """x <- x + h v + cx_f F;  v <- v + cv_f F;  (x, v) += (lxx xi_x, lxv xi_x + lvv xi_v).
 
-    NOISE: 0 none, 1 Philox, xi_x = randn(seed, 2 (offset + gidx)), xi_v = randn(seed,
-    2 (offset + gidx) + 1), 2 read xi_x, xi_v (contiguous [B, n]). NOISE_X: lxx or lxv is
-    nonzero (False for Euler-Maruyama: xi_x is neither drawn nor read).
+    NOISE: 0 none, 1 Philox, (xi_x, xi_v) = normal_pair(seed, offset + b * n + j), 2 read xi_x,
+    xi_v (contiguous [B, n]). NOISE_X (NOISE 2 only): lxx or lxv is nonzero (False for
+    Euler-Maruyama: xi_x is then not read). Philox draws both normals of an element at once, so
+    NOISE 1 always applies both (lxx = lxv = 0 for Euler-Maruyama).
     """
-    gidx, row, col, mask = phase_index(n, total, BLOCK, ROW_ALIGNED)
-    x_off = row * stride_m + col
-    x = tl.load(m_ptr + x_off, mask=mask).to(tl.float32)
-    v = tl.load(m_ptr + x_off + n, mask=mask).to(tl.float32)
+    r0, c0, i, j, mask = tile(B, n, col_blocks, BLOCK_R, BLOCK_C)
+    x_ptrs = tile_ptrs(m_ptr, stride_m, r0, c0, i, j)
+    x = tl.load(x_ptrs, mask=mask).to(tl.float32)
+    v = tl.load(x_ptrs + n, mask=mask).to(tl.float32)
     x = x + h * v
     if HAS_F:
-        f = tl.load(f_ptr + row * stride_f + col, mask=mask).to(tl.float32)
+        f = tl.load(tile_ptrs(f_ptr, stride_f, r0, c0, i, j), mask=mask).to(tl.float32)
         x += cx_f * f
         v += cv_f * f
     if NOISE == 1:
-        key = 2 * (gidx + offset)
-        v += lvv * tl.randn(seed, key + 1)
-        if NOISE_X:
-            xi_x = tl.randn(seed, key)
-            x += lxx * xi_x
-            v += lxv * xi_x
+        g = (offset + (r0 + tl.cast(i, tl.int64)) * n + c0)[:, None] + j[None, :]
+        xi_x, xi_v = normal_pair(seed, g, x)
+        x += lxx * xi_x
+        v += lxv * xi_x + lvv * xi_v
     if NOISE == 2:
-        v += lvv * tl.load(xiv_ptr + gidx, mask=mask).to(tl.float32)
+        v += lvv * tl.load(tile_ptrs(xiv_ptr, n, r0, c0, i, j), mask=mask).to(tl.float32)
         if NOISE_X:
-            xi_x = tl.load(xix_ptr + gidx, mask=mask).to(tl.float32)
+            xi_x = tl.load(tile_ptrs(xix_ptr, n, r0, c0, i, j), mask=mask).to(tl.float32)
             x += lxx * xi_x
             v += lxv * xi_x
-    tl.store(m_ptr + x_off, x.to(m_ptr.dtype.element_ty), mask=mask)
-    tl.store(m_ptr + x_off + n, v.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(x_ptrs, x.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(x_ptrs + n, v.to(m_ptr.dtype.element_ty), mask=mask)
 
 
 def phase_noise_update(
@@ -97,7 +103,7 @@ def phase_noise_update(
     int in [0, 2^63); offset: global x-element index of m's first element (chunking);
     xi: (xi_x, xi_v), each [B, C, ...], used instead of the in-kernel draw (seed, offset unused).
     """
-    B, n, grid, aligned = launch_shape(m)
+    B, n, block_r, block_c, col_blocks, grid = launch_shape(m)
     if grid == 0:
         return m
     view = row_view(m, B, 2 * n)
@@ -112,10 +118,10 @@ def phase_noise_update(
         mode, xi_x, xi_v = NOISE_GIVEN, xi[0].contiguous(), xi[1].contiguous()
     with on_device(m):
         _phase_noise_kernel[(grid,)](
-            rows, f, xi_x, xi_v, rows.stride(0), f.stride(0), n, B * n,
+            rows, f, xi_x, xi_v, rows.stride(0), f.stride(0), B, n, col_blocks,
             float(h), float(cxF), float(cvF), float(lxx), float(lxv), float(lvv), int(seed), int(offset),
-            HAS_F=F is not None, NOISE=mode, NOISE_X=lxx != 0.0 or lxv != 0.0,
-            BLOCK=BLOCK_SIZE, ROW_ALIGNED=aligned,
+            HAS_F=F is not None, NOISE=mode, NOISE_X=mode == NOISE_GIVEN and (lxx != 0.0 or lxv != 0.0),
+            BLOCK_R=block_r, BLOCK_C=block_c, **LAUNCH_OPTIONS,
         )
     if view is None:
         m.copy_(rows.view_as(m))

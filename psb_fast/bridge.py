@@ -1,4 +1,4 @@
-"""PhaseBridge: the per-t coefficients of the phase stochastic bridge (SPEC §1-3).
+"""PhaseBridge: the per-t coefficients of the phase stochastic bridge (docs/math.md §2, §3, §4).
 
 Every per-t number the package uses (means, Cholesky factor, score scale, normalizer, label
 and hop coefficients) is computed here, in float64, from the exact tau-expansions of
@@ -12,22 +12,30 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .backends import real_scalar
 from .closed_form import collapse, covariance_polys
 
 MODES = ("probODE", "SDE")
+# Accepted parameter ranges (closed). The float64 math breaks far outside them: the exact
+# expansions of det Sigma carry p^4 terms, which overflow float64 (OverflowError) from
+# p ~ 6.9e76, and with extreme variances and |k| -> 1 the normalizer overflows from p ~ 1e50
+# (e.g. varx = 1e100, varv = 1e-100). Inside the box every coefficient is finite with
+# Lvv > 0 for all t in [0, 1), down to tau = 2^-53 (checked at its corners, k up to 1 - 2^-53).
+P_RANGE = (1e-30, 1e30)
+VAR_RANGE = (1e-60, 1e60)
 
 
 @dataclass(frozen=True)
 class Coefficients:
-    """Per-t coefficients, float64 tensors of t's shape (SPEC symbols).
+    """Per-t coefficients, float64 tensors of t's shape (symbols of docs/math.md §4.1).
 
     cx, cv: mean of (x_t, v_t) given x1 is (cx x1, cv x1).
     sxx, sxv, svv: covariance Sigma(t); lxx, lxv, lvv: its lower Cholesky factor.
     ell = -1/Lvv (grad_v log p(m | x1) = ell eps_v); g = p tau; P = 4/tau.
     AA = Lxx/tau + Lxv; normalizer = N(t) of the model's mode.
     label_x1, label_eps_x, label_eps_v: label = label_x1 x1 + label_eps_x eps_x
-        + label_eps_v eps_v (SPEC §2, already divided by N).
-    hop_aa, hop_bb: the hop's aa, bb (SPEC §3); hop_den = 4 tau^2 + P (aa cx + bb cv).
+        + label_eps_v eps_v (docs/math.md §5.2, already divided by N).
+    hop_aa, hop_bb: the hop's aa, bb (docs/math.md §8.1); hop_den = 4 tau^2 + P (aa cx + bb cv).
     """
 
     tau: torch.Tensor
@@ -89,8 +97,11 @@ class PhaseBridge:
     """The phase stochastic bridge with prior N(0, Sigma0) and diffusion g(t) = p (1 - t).
 
     Args:
-        p: diffusion scale (> 0). k: prior x-v correlation is -k (|k| < 1).
-        varx, varv: prior variances (> 0). mode: "probODE" (default) or "SDE".
+        p: diffusion scale, in P_RANGE = [1e-30, 1e30]. k: prior x-v correlation is -k
+            (|k| < 1). varx, varv: prior variances, in VAR_RANGE = [1e-60, 1e60].
+            mode: "probODE" (default) or "SDE".
+    Numbers may be Python/NumPy reals or one-element real tensors. Raises TypeError for
+    other types and ValueError (naming the parameter) for values outside these ranges.
     """
 
     def __init__(
@@ -101,20 +112,20 @@ class PhaseBridge:
         varv: float = 1.0,
         mode: str = "probODE",
     ) -> None:
-        for name, value in (("p", p), ("k", k), ("varx", varx), ("varv", varv)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value}")
-        if p <= 0:
-            raise ValueError(f"p must be > 0, got {p}")
-        if varx <= 0:
-            raise ValueError(f"varx must be > 0, got {varx}")
-        if varv <= 0:
-            raise ValueError(f"varv must be > 0, got {varv}")
+        p, k = _parameter("p", p), _parameter("k", k)
+        varx, varv = _parameter("varx", varx), _parameter("varv", varv)
+        ranges = (("p", p, P_RANGE), ("varx", varx, VAR_RANGE), ("varv", varv, VAR_RANGE))
+        for name, value, (lo, hi) in ranges:
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+            if not lo <= value <= hi:
+                raise ValueError(
+                    f"{name} must be in [{lo:g}, {hi:g}] (the range in which the coefficients are "
+                    f"checked finite), got {value}"
+                )
         if not abs(k) < 1:
             raise ValueError(f"k must satisfy |k| < 1, got {k}")
-        if mode not in MODES:
+        if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.p, self.k, self.mode = float(p), float(k), mode
         self.varx, self.varv = float(varx), float(varv)
@@ -153,7 +164,7 @@ class PhaseBridge:
             )
 
         sxx, sxv, svv = expanded("sxx"), expanded("sxv"), expanded("svv")
-        # Lvv^2 = det / Sxx with det expanded exactly (det ~ tau^5 as t -> 1: SPEC §1 trap).
+        # Lvv^2 = det / Sxx with det expanded exactly (det ~ tau^5 as t -> 1: docs/math.md §3.1).
         lvv = torch.sqrt(expanded("det") / sxx)
         lxx = torch.sqrt(sxx)
         lxv = sxv / lxx
@@ -165,7 +176,7 @@ class PhaseBridge:
         t2 = t * t
         cx = t2 * (t2 - 4 * t + 6) / 3
         cv = 4 * t * (t2 - 3 * t + 3) / 3
-        # SPEC §2: f = 4 tau^2 x1 - P AA eps_x + eps_v_coef eps_v; N(t) as in the compat code.
+        # docs/math.md §5.2: f = 4 tau^2 x1 - P AA eps_x + eps_v_coef eps_v; N(t) as in the compat code.
         if self.mode == "probODE":
             eps_v_coef = -P * lvv - 0.5 * g**2 * ell
             n_vv = P * lvv - 0.5 * g**2 * ell
@@ -175,7 +186,7 @@ class PhaseBridge:
             n_vv = P * lvv
             BB = lvv
         normalizer = torch.sqrt((P * AA) ** 2 + n_vv**2) / tau
-        # SPEC §3 hop: bb = BB / Lvv, aa = (AA - bb Lxv) / Lxx.
+        # docs/math.md §8.1 hop: bb = BB / Lvv, aa = (AA - bb Lxv) / Lxx.
         hop_bb = BB / lvv
         hop_aa = (AA - hop_bb * lxv) / lxx
         hop_den = 4 * tau**2 + P * (hop_aa * cx + hop_bb * cv)
@@ -204,16 +215,22 @@ class PhaseBridge:
     ) -> torch.Tensor:
         """m0 ~ N(0, Sigma0) per coordinate, as [B, 2C, ...] = [x0 | v0] along dim 1.
 
-        shape_of_x: the shape of one batch of x, [B, C, ...] (at least 2 dims).
+        shape_of_x: the shape of one batch of x, [B, C, ...] (at least 2 dims, positive ints).
+        generator: a torch.Generator on `device`, or None. dtype: a floating torch.dtype (None:
+        torch's default dtype).
         """
+        if isinstance(shape_of_x, (str, bytes)) or not hasattr(shape_of_x, "__iter__"):
+            raise TypeError(f"shape_of_x must be a sequence of ints, got {type(shape_of_x).__name__}")
         shape = tuple(shape_of_x)
-        if len(shape) < 2 or any((not isinstance(s, int)) or s < 1 for s in shape):
+        if len(shape) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
             raise ValueError(
                 f"shape_of_x must be [B, C, ...] with at least 2 positive ints, got {shape}"
             )
         dtype = dtype or torch.get_default_dtype()
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         lxx, lxv, lvv = self.prior_cholesky()
         xi = torch.randn((2, *shape), generator=generator, device=device, dtype=torch.float64)
         x0 = lxx * xi[0]
@@ -223,7 +240,7 @@ class PhaseBridge:
     def estimate_x1(
         self, m: torch.Tensor, F: torch.Tensor, t: torch.Tensor | float
     ) -> torch.Tensor:
-        """The sampling hop (SPEC §3): x1 estimated from m = [x | v] and the output F at t.
+        """The sampling hop (docs/math.md §8): x1 estimated from m = [x | v] and the output F at t.
 
         m: [B, 2C, ...]; F: [B, C, ...] in normalized units; t: scalar or [B].
         Computed in float64, returned in F's dtype.
@@ -244,6 +261,42 @@ class PhaseBridge:
         else:
             x1 = (f / r(co.P) + v64) * r(co.tau) + x64
         return x1.to(F.dtype)
+
+    def hop_weights(self, t: torch.Tensor | float) -> tuple[float, float, float]:
+        """(a_F, a_x, a_v) with the hop (docs/math.md §8) x1_hat = a_F F + a_x x + a_v v at one time t.
+
+        The scalars of `estimate_x1` folded in float64 (so a fused hop does 3 multiply-adds per
+        element); the "cpu" and "triton" hops read them from here. t: a float or one-element tensor.
+        """
+        co = self.coefficients(t)
+        N, P, tau = co.normalizer.item(), co.P.item(), co.tau.item()
+        if self.mode == "probODE":
+            return probode_hop_weights(N, P, co.hop_aa.item(), co.hop_bb.item(), co.hop_den.item())
+        return sde_hop_weights(N, P, tau)
+
+
+def probode_hop_weights(
+    normalizer: float, P: float, hop_aa: float, hop_bb: float, hop_den: float
+) -> tuple[float, float, float]:
+    """(a_F, a_x, a_v) of the probODE hop x1_hat = (N F + P (aa x + bb v)) / den (docs/math.md §8.1).
+
+    Scalars at T from `PhaseBridge.coefficients`: N = normalizer, P = 4 / tau, aa = hop_aa,
+    bb = hop_bb, den = hop_den; folded in float64.
+    """
+    return normalizer / hop_den, P * hop_aa / hop_den, P * hop_bb / hop_den
+
+
+def sde_hop_weights(normalizer: float, P: float, tau: float) -> tuple[float, float, float]:
+    """(a_F, a_x, a_v) of the SDE hop x1_hat = (N F / P + v) tau + x (docs/math.md §8.2)."""
+    return normalizer * tau / P, 1.0, tau
+
+
+def _parameter(name: str, value: object) -> float:
+    """A bridge parameter as a finite float (real number or one-element real tensor)."""
+    value = real_scalar(name, value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
 
 
 def split_phase(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,17 +14,50 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-GRID_CHOICES = ("tuned", "rev-quad", "uniform")
+from .config import default_config_toml, keys_help
+from .grids import GRID_NAMES, parse_grid
+
+GRID_CHOICES = GRID_NAMES
+DEFAULT_CHUNK = 1000  # samples per shard of `psb-fast sample` (psb_fast.sharded)
+
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+EXIT_IO = 4
+EXIT_SIGNAL = 128
+"""Exit status of `psb-fast`, returned by main() for every command (3 and 128 + N come from train):
+
+    ====  ================  ==================================================================
+    code  constant          meaning
+    ====  ================  ==================================================================
+    0     EXIT_OK           finished
+    1     EXIT_BUG          unexpected internal error (a bug): Python prints the traceback
+    2     EXIT_BAD_INPUT    bad input: config / option / file errors (ValueError, TypeError,
+                            FileNotFoundError; argparse usage errors too), one line on stderr
+    3     EXIT_NONFINITE    non-finite loss or weights: training stopped, one line naming the
+                            last good checkpoint and its step (or saying none exists)
+    4     EXIT_IO           I/O failure (OSError other than FileNotFoundError: disk full,
+                            read-only folder, ...), one line naming the path
+    130   EXIT_SIGNAL + 2   train stopped by SIGINT after writing the checkpoint of that step
+    143   EXIT_SIGNAL + 15  train stopped by SIGTERM after writing the checkpoint of that step
+    ====  ================  ==================================================================
+"""
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Train per --config / --set [--resume]; EXIT_OK, or EXIT_SIGNAL + the signal number when a
+    SIGINT / SIGTERM stopped the run (after its checkpoint was written)."""
+    import signal
+
     from .config import TrainConfig, apply_overrides, load_config
     from .train import train
 
@@ -34,13 +67,17 @@ def _train(args: argparse.Namespace) -> int:
     if summary["rank"] == 0:
         keys = ("step", "steps_per_s", "stopped", "checkpoint", "metrics", "eval")
         print(json.dumps({k: summary[k] for k in keys}, indent=2, default=str))
-    return 0
+    if summary["stopped"] in ("SIGINT", "SIGTERM"):
+        return EXIT_SIGNAL + signal.Signals[summary["stopped"]].value
+    return EXIT_OK
 
 
 def _sampler(trained, args: argparse.Namespace):
     from .sampler import PhaseSampler
 
     solver = args.solver or ("ode" if trained.bridge.mode == "probODE" else "sde")
+    if args.tuned and not Path(args.tuned).is_file():
+        raise ValueError(f"--tuned file {args.tuned!r} does not exist (expected a JSON from `psb-fast tune`)")
     if args.tuned:
         return PhaseSampler.from_tuned(args.tuned, trained.bridge, args.nfe, solver=solver,
                                        backend=args.backend)
@@ -59,56 +96,135 @@ def _labels(trained, args: argparse.Namespace, n: int, device: torch.device) -> 
 
 
 def _guide(args: argparse.Namespace):
+    """The StrokeGuide of --stroke/--stroke-mode/--strength (None without --stroke); the two options
+    are refused without a stroke, and --strength with init-v (which has no redraw steps)."""
     if args.stroke is None:
+        for flag, value in (("--stroke-mode", args.stroke_mode), ("--strength", args.strength)):
+            if value is not None:
+                raise ValueError(f"{flag} {value} needs --stroke FILE.npy (it configures stroke guidance, "
+                                 f"which is off without a stroke)")
         return None
     from .guidance import StrokeGuide
 
-    path = Path(args.stroke)
+    mode = args.stroke_mode or "dyn-v"
+    if args.strength is not None:
+        if mode == "init-v":
+            raise ValueError(f"--strength {args.strength} does not apply to --stroke-mode init-v (it mixes "
+                             f"the initial velocity once, with no redraw steps); leave --strength out")
+        if not 0.0 <= args.strength <= 1.0:
+            raise ValueError(f"--strength must be in [0, 1] (the share of steps with a velocity redraw), "
+                             f"got {args.strength}")
+    return StrokeGuide(_stroke(Path(args.stroke)), mode=mode, strength=args.strength)
+
+
+def _stroke(path: Path) -> torch.Tensor:
+    """The --stroke .npy file as a float32 tensor (numeric arrays only, no pickles)."""
     if not path.is_file():
         raise ValueError(f"--stroke file {str(path)!r} does not exist")
-    stroke = torch.from_numpy(np.load(path)).float()
-    return StrokeGuide(stroke, mode=args.stroke_mode, strength=args.strength)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"--stroke file {str(path)!r} is not a readable .npy array "
+                         f"({err or type(err).__name__})") from err
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+        got = array.dtype if isinstance(array, np.ndarray) else "an .npz archive"
+        raise ValueError(f"--stroke file {str(path)!r} must hold a numeric .npy array, got {got}")
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def _grid(text: str) -> str:
+    """--grid's value: one of GRID_CHOICES, power-<q> with a number q > 0 (psb_fast.grids.parse_grid)."""
+    try:
+        parse_grid(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(GRID_CHOICES)} (q a number > 0), "
+                                         f"got {text!r}") from None
+    return text
+
+
+def _threads(value: int) -> None:
+    """--threads: torch's CPU thread count for this command (0 keeps torch's default)."""
+    if value < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {value}")
+    if value:
+        torch.set_num_threads(value)
+
+
+def _count(flag: str, value: int) -> int:
+    """A sample count option, checked >= 1."""
+    if value < 1:
+        raise ValueError(f"{flag} must be a positive number of samples, got {value}")
+    return value
 
 
 def _sample(args: argparse.Namespace) -> int:
+    """Sample N from a checkpoint in chunks (psb_fast.sharded): under torchrun the chunks are
+    spread over the ranks; a rerun of an interrupted command resumes from the finished shards."""
     from . import plots
     from .data import load_data
+    from .distributed import distributed_env, init_group, resolve_device
     from .pretrained import load_trained
+    from .sharded import ShardPlan, sample_sharded
 
-    device = torch.device(args.device)
+    _count("-n/--num", args.num)
+    _count("--chunk", args.chunk)
+    _threads(args.threads)
+    rank, world_size, local_rank = distributed_env()
+    device = resolve_device(args.device, "--device", local_rank if world_size > 1 else None)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out!r} is an existing file; expected a folder (created if missing) "
+                         f"for samples.npz and samples.png")
+    guide = _guide(args)
     trained = load_trained(args.checkpoint, device=device)
     sampler = _sampler(trained, args)
-    m0 = trained.prior(args.num, seed=args.seed, device=device)
-    cond = _labels(trained, args, args.num, device)
-    start = time.perf_counter()
-    with torch.no_grad():
-        x1 = sampler.sample(trained.model, m0, cond=cond, seed=args.seed, progress=True, guide=_guide(args))
-    seconds = time.perf_counter() - start
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    x1 = x1.float().cpu()
-    np.savez(out / "samples.npz", x1=x1.numpy(), nfe=args.nfe, seconds=seconds)
+    _labels(trained, args, 1, device)  # checks --label
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:  # a file on the way; other OSErrors are I/O
+        raise ValueError(f"--out {args.out!r}: cannot create the folder, a file is in the way "
+                         f"({err})") from err
+    plan = ShardPlan(n=args.num, chunk=args.chunk, seed=args.seed, x_shape=trained.x_shape,
+                     sampler=repr(sampler), label=args.label, checkpoint_step=trained.step)
+    init_group(device, world_size)
+    x1, seconds = sample_sharded(trained.model, sampler, plan, out, device=device, cond_label=args.label,
+                                 guide=guide, progress=not args.no_progress, rank=rank, world_size=world_size)
+    if rank != 0:
+        return 0
+    np.savez(out / "samples.npz", x1=x1, nfe=args.nfe, seconds=seconds, seed=args.seed, chunk=args.chunk)
+    x1 = torch.from_numpy(x1)
+    title = plots.sampler_label(sampler) + ("" if args.label is None else f", label {args.label}")
     if trained.x_shape == (2,):
         data, _ = load_data(trained.config.data, split="test", seed=args.seed).all(args.num)
-        plots.toy_panels(data, {f"NFE {args.nfe}": x1}, out / "samples.png")
-    else:
-        plots.image_grid(x1[:64], out / "samples.png")
-    print(f"{sampler!r}: {args.num} samples in {seconds:.2f} s -> {out / 'samples.npz'}, "
-          f"{out / 'samples.png'}")
+        plots.toy_panels(data, {title: x1}, out / "samples.png",
+                         title=f"{args.num} samples of {args.checkpoint} (step {trained.step})")
+    elif len(trained.x_shape) == 3 and trained.x_shape[0] in (1, 3):
+        plots.image_grid(x1[:64], out / "samples.png", title=f"{title}: {min(64, args.num)} of {args.num}")
+    print(f"{sampler!r}: {args.num} samples on {world_size} rank(s), {seconds:.2f} s sampling in this "
+          f"call -> {out / 'samples.npz'}, {out / 'samples.png'}")
     return 0
 
 
 def _tune(args: argparse.Namespace) -> int:
+    from .distributed import resolve_device
     from .pretrained import load_trained
     from .tuning import save_tuned, tune
 
-    trained = load_trained(args.checkpoint, device=args.device)
+    _count("-n/--num", args.num)
+    _threads(args.threads)
+    device = resolve_device(args.device, "--device")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {args.out!r} is a folder; expected the path of the JSON file to write")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {args.out!r}: its folder {str(out.parent)!r} does not exist")
+    trained = load_trained(args.checkpoint, device=device)
     if trained.bridge.mode != "probODE":
         raise ValueError("tune searches the probability-flow sampler; this checkpoint is an SDE model")
-    m0 = trained.prior(args.num, seed=args.seed, device=args.device)
+    m0 = trained.prior(args.num, seed=args.seed, device=device)
     with torch.no_grad():
         result = tune(trained.model, trained.bridge, args.nfe, m0, Ts=args.T_values, qs=args.q_values,
-                      orders=args.orders, reference_nfe=args.reference_nfe)
+                      orders=args.orders, reference_nfe=args.reference_nfe, refine=not args.no_refine)
     save_tuned(result, args.out)
     print(f"{'NFE':>4} {'T':>8} {'q':>6} {'order':>5} {'RMSE':>10} {'published':>10}")
     for nfe, r in sorted(result.items()):
@@ -116,6 +232,11 @@ def _tune(args: argparse.Namespace) -> int:
               f"{r.get('published_rmse', float('nan')):>10.3e}")
     print(f"saved {args.out}; load with PhaseSampler.from_tuned({str(args.out)!r}, bridge, nfe)")
     return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    print(default_config_toml(), end="")
+    return EXIT_OK
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -132,78 +253,116 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends each option's default to its help (unless the help already says it, or the default
+    is None / False) and keeps the epilog's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or hidden or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="psb-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = partial(sub.add_parser, formatter_class=_HelpFormatter)
 
-    p = sub.add_parser("train", help="train a model (torchrun-aware)")
-    p.add_argument("--config", help="TOML or JSON file of TrainConfig fields")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p = sub.add_parser("train", help="train a model (torchrun-aware)",
+                       epilog="config keys (default, meaning); `psb-fast config` prints them as TOML:\n"
+                              + keys_help())
+    p.add_argument("--config", help="TOML or JSON file of config keys (default: every key's default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable): --set steps=2000 --set model_kwargs.hidden=256")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("config", help="print every training config key with its default and meaning (TOML)")
+    p.set_defaults(run=_config)
 
     def sampling_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("checkpoint", help="checkpoint.pt of a training run, or its out_dir")
-        p.add_argument("-n", "--num", type=int, default=64, help="number of samples")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default="cpu")
+        p.add_argument("-n", "--num", type=int, default=64, help="number of samples (prior draws)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the prior draws (and SDE noise)")
+        p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
+        p.add_argument("--threads", type=int, default=0, help="CPU threads of torch (0: torch's default)")
 
     p = sub.add_parser("sample", help="sample a trained checkpoint -> samples.npz and samples.png")
     sampling_args(p)
-    p.add_argument("--nfe", type=int, default=10)
+    p.add_argument("--nfe", type=int, default=10, help="network evaluations")
     p.add_argument("--T", type=float, default=None, help="hop time (default: tuned)")
     p.add_argument("--order", type=int, default=None, help="multistep order 0..3 (default: tuned)")
-    p.add_argument("--grid", choices=GRID_CHOICES, default=None, help="time grid (default: tuned)")
+    p.add_argument("--grid", type=_grid, default=None, metavar="|".join(GRID_CHOICES),
+                   help="time grid: tuned, the published rev-quad (power 2), uniform, or power-<q> for any "
+                        "q > 0, e.g. power-1.5 (default: the tuned defaults)")
     p.add_argument("--no-hop", action="store_true", help="integrate to t = 0.999 instead of hopping")
-    p.add_argument("--solver", choices=("ode", "sde", "em", "sscs"), default=None)
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--solver", choices=("ode", "sde", "em", "sscs"), default=None,
+                   help="sampler (default: ode for probODE models, sde for SDE models)")
+    p.add_argument("--backend", default="auto", help="fused-op backend: auto | triton | cpu | reference")
     p.add_argument("--tuned", help="settings JSON from `psb-fast tune` (overrides --T/--order/--grid)")
     p.add_argument("--label", type=int, default=None, help="class label for a conditional model")
     p.add_argument("--stroke", help=".npy stroke of one data point's shape (-1 = unknown, for inpaint)")
-    p.add_argument("--stroke-mode", choices=("dyn-v", "init-v", "inpaint"), default="dyn-v")
-    p.add_argument("--strength", type=float, default=None, help="share of steps with a velocity redraw")
-    p.add_argument("--out", default="samples")
+    p.add_argument("--stroke-mode", choices=("dyn-v", "init-v", "inpaint"), default=None,
+                   help="how --stroke guides (default: dyn-v); needs --stroke")
+    p.add_argument("--strength", type=float, default=None,
+                   help="share of steps in [0, 1] with a velocity redraw (default: 0.25 for dyn-v, 1 for "
+                        "inpaint); needs --stroke, not with init-v")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
+                   help="samples per shard: the unit of work, of resuming and of spreading over ranks")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", default="samples", help="output folder: samples.npz, samples.png, shards/")
     p.set_defaults(run=_sample)
 
     p = sub.add_parser("tune", help="search T / grid / order per NFE for a trained model -> JSON")
     sampling_args(p)
     p.set_defaults(num=512)
-    p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
+    p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20], help="NFEs to tune")
     p.add_argument("--reference-nfe", type=int, default=200, help="NFE of the model's own reference solve")
     p.add_argument("--T-values", type=float, nargs="+", default=None, help="hop times to search")
     p.add_argument("--q-values", type=float, nargs="+", default=None, help="grid orders q to search")
     p.add_argument("--orders", type=int, nargs="+", default=None, help="solver orders to search (1..3)")
-    p.add_argument("--out", default="tuned.json")
+    p.add_argument("--no-refine", action="store_true",
+                   help="only the search grid (T x q x order), no finer search around its best settings")
+    p.add_argument("--out", default="tuned.json", help="settings JSON to write")
     p.set_defaults(run=_tune)
 
     p = sub.add_parser("demo", help="train a toy model on CPU, sample at NFE 5/10/20, write figures")
-    p.add_argument("--out", default="demo")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="demo", help="output folder")
+    p.add_argument("--steps", type=int, default=None, help="training steps (None: the demo's 3500)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("bench", help="the benchmark suite -> results.json, PNG plots, tables")
     p.add_argument("--quick", action="store_true", help="the short suite (minutes on a CPU)")
-    p.add_argument("--out", default="bench")
+    p.add_argument("--out", default="bench", help="output folder")
     p.set_defaults(run=_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `psb-fast`; bad input exits with status 2 and a one-line message, a
-    non-finite training loss with status 1."""
+    """Entry point of `psb-fast`: returns the exit status (the EXIT_* table above). Bad input,
+    a non-finite training loss and I/O failures print one line on stderr; anything else is a
+    bug and propagates with its traceback (status 1)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+
+    def fail(kind: str, err: BaseException, code: int) -> int:
+        message = " ".join(str(err).splitlines())
+        print(f"psb-fast {args.command}: {kind}: {message}", file=sys.stderr)
+        return code
+
     try:
         return args.run(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"psb-fast {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:  # a non-finite training loss; the last good checkpoint is kept
-        print(f"psb-fast {args.command}: stopped: {err}", file=sys.stderr)
-        return 1
+        return fail("error", err, EXIT_BAD_INPUT)
+    except FloatingPointError as err:  # non-finite loss or weights; the last good checkpoint is kept
+        return fail("stopped", err, EXIT_NONFINITE)
+    except OSError as err:  # disk full, read-only folder, ...: the message names the file
+        return fail("I/O error", err, EXIT_IO)
 
 
 if __name__ == "__main__":

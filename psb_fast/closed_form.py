@@ -1,10 +1,10 @@
 """Exact closed forms of the phase-bridge covariance, re-expanded in tau = 1 - t.
 
-SPEC §1 gives Sigma(t) as polynomials in t plus log(tau) terms. Evaluated as written they
+docs/math.md §2.4 gives Sigma(t) as polynomials in t plus log(tau) terms. Evaluated as written they
 lose every digit of det(Sigma) and of Sxx + tau*Sxv near t -> 1 (both vanish like a high
-power of tau while their parts stay O(1)). Here the SPEC formulas are transcribed
+power of tau while their parts stay O(1)). Here those formulas are transcribed
 literally, then expanded *exactly* (rational arithmetic) in powers of tau and L = log(tau),
-with the parameters varx, varv, c, p^2 kept symbolic. Products such as
+with the parameters varx, varv, c, p^2 kept symbolic (docs/math.md §3.2, §3.3). Products such as
 det = Sxx*Svv - Sxv^2 are formed on the exact expansions, so the cancelling low powers of
 tau disappear exactly before any floating-point number is involved.
 
@@ -82,7 +82,7 @@ class Poly:
 
 @lru_cache(maxsize=2)
 def covariance_polys(variable: str = "tau") -> dict[str, Poly]:
-    """SPEC §1 closed forms of Sxx, Sxv, Svv and the derived exact expansions.
+    """Closed forms of Sxx, Sxv, Svv (docs/math.md §2.4) and the derived exact expansions.
 
     variable: "tau" expands in powers of tau = 1 - t (exact cancellation as t -> 1);
     "t" expands in powers of t (exact cancellation as t -> 0, e.g. det Sigma0 when p^2 is

@@ -6,6 +6,25 @@
 Values are checked when a TrainConfig is made (TypeError / ValueError naming the field, the value
 and what was expected), so a bad config fails before any training step. Dataset and model names
 are checked by `psb_fast.data.load_data` and `psb_fast.models.make_model`, also before the first step.
+
+Resuming (train(..., resume=True), `psb-fast train --resume`) may change only the keys in
+RESUME_CHANGEABLE, and each change takes effect from the checkpoint's step on:
+
+    steps, warmup_steps, lr, weight_decay   the lr schedule and the optimizer's lr / weight decay are
+                                            recomputed at the checkpoint's step (the next step uses
+                                            lr * lr_factor(step, warmup_steps, steps))
+    grad_clip, ema_decay                    used from the next step
+    ckpt_every, log_every, eval_every,      the periods and evaluations from the next step
+    eval_nfes, eval_samples
+    compile, bf16, device, backend,         how the steps run (the losses then match an
+    threads                                 uninterrupted run only up to rounding)
+    out_dir                                 where the run lives (e.g. a moved folder)
+
+Every other key (data, model, model_kwargs, conditional, p, k, varx, varv, mode, t0, T, weighting,
+batch_size, seed) defines the training problem and the data / noise streams: a resume that changes
+one fails with a ValueError naming it. With no key changed, a resumed run on the CPU repeats the
+losses of an uninterrupted run bit for bit. config.json and the checkpoint always record the values
+in use.
 """
 
 from __future__ import annotations
@@ -24,11 +43,15 @@ from .bridge import MODES
 WEIGHTINGS = ("reciprocal", "none")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_SEED = 2**62
+# Keys a resumed run may change (module docstring); the others must equal the checkpoint's.
+RESUME_CHANGEABLE = ("steps", "warmup_steps", "lr", "weight_decay", "grad_clip", "ema_decay", "ckpt_every",
+                     "log_every", "eval_every", "eval_nfes", "eval_samples", "compile", "bf16", "device",
+                     "backend", "threads", "out_dir")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A training run (SPEC §2 target). Times are in [0, 1); lr in optimizer units; counts in steps.
+    """A training run (docs/math.md §5). Times are in [0, 1); lr in optimizer units; counts in steps.
 
     data / model: names for psb_fast.data.load_data and psb_fast.models.make_model (model_kwargs
     are passed to make_model). conditional: feed class labels to the model. p, k, varx, varv, mode:
@@ -41,7 +64,10 @@ class TrainConfig:
     eval_nfes, eval_samples: PhaseSampler NFEs and sample count of each evaluation (0 samples = off).
     compile: torch.compile the model. bf16: bfloat16 autocast (CUDA only). device: "auto", "cpu",
     "cuda" or "cuda:N". backend: bridge_sample / PhaseSampler backend ("reference" = the plain
-    PyTorch data path and loss, for the throughput comparison).
+    PyTorch data path and loss, for the throughput comparison). threads: CPU threads of torch in
+    this process (0 = auto: AUTO_THREADS_SMALL for data of one dimension such as 2-D points,
+    whose small models run fastest on one thread, torch's default otherwise). FIELD_HELP holds a
+    line per key.
     """
 
     data: str = "gmm-grid"
@@ -74,12 +100,51 @@ class TrainConfig:
     bf16: bool = True
     device: str = "auto"
     backend: str = "auto"
+    threads: int = 0
 
     def __post_init__(self) -> None:
         types = _field_types()
         for name in field_names():
             object.__setattr__(self, name, _coerce(name, getattr(self, name), types[name]))
         _validate(self)
+
+
+# One line per key: what it means (psb-fast config, psb-fast train --help).
+FIELD_HELP = {
+    "data": "dataset: gmm-grid | spiral | checkerboard | rings | digits | tensor:PATH | images:DIR | "
+            "cifar10:DIR",
+    "model": "network: mlp (1-D data) | unet (images) | auto",
+    "model_kwargs": "keyword arguments of the network, e.g. { hidden = 256, depth = 3 } or { base = 64 }",
+    "conditional": "feed class labels to the model (data with labels only)",
+    "p": "bridge: diffusion scale, g(t) = p (1 - t), > 0",
+    "k": "bridge: the prior's x-v correlation is -k, |k| < 1",
+    "varx": "bridge: prior variance of x, > 0",
+    "varv": "bridge: prior variance of v, > 0",
+    "mode": "bridge: probODE (probability-flow sampling) | SDE",
+    "t0": "training times t ~ U[t0, T]: lower end, in [0, 1)",
+    "T": "training times t ~ U[t0, T]: upper end, in (t0, 1)",
+    "weighting": "loss weight: reciprocal (1 / sqrt(1 - t)) | none",
+    "batch_size": "global batch (split evenly over torchrun ranks); checked against memory before step 1",
+    "steps": "total optimizer steps",
+    "lr": "AdamW learning rate (peak, after warmup; cosine decay to 0)",
+    "weight_decay": "AdamW weight decay",
+    "warmup_steps": "steps of linear lr warmup",
+    "grad_clip": "max global gradient norm (0 = no clipping)",
+    "ema_decay": "EMA decay per step (warmed up), in [0, 1)",
+    "seed": "seed of the data, time and noise streams",
+    "out_dir": "run folder: checkpoint.pt, config.json, metrics.jsonl, eval/",
+    "ckpt_every": "checkpoint period in steps (0 = only at the end)",
+    "log_every": "log period in steps (metrics.jsonl, progress bar)",
+    "eval_every": "evaluation period in steps (0 = only at the end)",
+    "eval_nfes": "sampler NFEs of each evaluation",
+    "eval_samples": "samples per evaluation (0 = no evaluation)",
+    "compile": "torch.compile the model",
+    "bf16": "bfloat16 autocast (CUDA only)",
+    "device": "auto | cpu | cuda | cuda:N",
+    "backend": "fused-op backend: auto | triton | cpu | reference",
+    "threads": "CPU threads of torch (0 = auto: 1 for 1-D data such as 2-D points, else torch's default)",
+}
+AUTO_THREADS_SMALL = 1
 
 
 def field_names() -> list[str]:
@@ -163,6 +228,35 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) ->
         _check_keys([key], "override")
         changes[key] = _parse(key, text, types[key])
     return dataclasses.replace(cfg, **changes)
+
+
+def resume_fixed() -> list[str]:
+    """The config keys a resume must keep (all but RESUME_CHANGEABLE), in declaration order."""
+    return [name for name in field_names() if name not in RESUME_CHANGEABLE]
+
+
+def resume_changes(saved: dict, cfg: TrainConfig, source: str = "checkpoint") -> dict[str, tuple]:
+    """{key: (saved value, cfg's value)} for the keys where cfg differs from a checkpoint's config.
+
+    saved: the checkpoint's config dict (config_to_dict; a key it lacks counts as its default).
+    Raises ValueError naming the keys outside RESUME_CHANGEABLE that differ (`source` names the
+    checkpoint in the message).
+    """
+    defaults = config_to_dict(TrainConfig())
+    current = config_to_dict(cfg)
+    changes = {}
+    for name in field_names():
+        before = saved.get(name, defaults[name])
+        if isinstance(before, tuple):
+            before = list(before)
+        if before != current[name]:
+            changes[name] = (before, current[name])
+    fixed = [name for name in changes if name not in RESUME_CHANGEABLE]
+    if fixed:
+        values = ", ".join(f"{name}={changes[name][0]!r}" for name in fixed)
+        raise ValueError(f"cannot resume {source}: config key(s) {fixed} differ from the checkpoint's "
+                         f"({values}); a resume may change only {', '.join(RESUME_CHANGEABLE)}")
+    return changes
 
 
 @functools.cache
@@ -287,3 +381,33 @@ def _validate(cfg: TrainConfig) -> None:
     device_ok = cfg.device in DEVICES or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())
     need(device_ok, "device", f"one of {DEVICES} or 'cuda:N'")
     need(cfg.backend in BACKENDS, "backend", f"one of {BACKENDS}")
+    need(cfg.threads >= 0, "threads", ">= 0 (0 = auto)")
+
+
+def default_config_toml() -> str:
+    """Every key with its default value and meaning, as a TOML config that load_config reads back
+    to TrainConfig() (`psb-fast config`)."""
+    lines = ["# psb_fast training config: every key with its default. Copy, edit, then",
+             "#   psb-fast train --config run.toml [--set KEY=VALUE ...]", ""]
+    for name, value in config_to_dict(TrainConfig()).items():
+        lines += [f"# {FIELD_HELP[name]}", f"{name} = {_toml_value(value)}"]
+    return "\n".join(lines) + "\n"
+
+
+def keys_help() -> str:
+    """One line per key: name, default and meaning (psb-fast train --help)."""
+    width = max(map(len, field_names()))
+    return "\n".join(f"  {name:<{width}}  {_toml_value(value):<12} {FIELD_HELP[name]}"
+                     for name, value in config_to_dict(TrainConfig()).items())
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }" if value else "{}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)

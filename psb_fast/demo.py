@@ -5,8 +5,10 @@ resumes an interrupted run and skips a finished one), then samples at NFE 5, 10 
 package's defaults (tuned per NFE) and with the published settings from the same prior draws, and writes
 to the output folder:
 
-- samples.png: test data next to the default-settings samples per NFE;
-- trajectories.png: phase-space paths (x, v, x1_hat) of the NFE-20 run;
+- samples.png: held-out data next to the default-settings samples per NFE, each panel titled
+  with its settings (NFE, T, solver order, grid);
+- trajectories.png: phase-space paths (x, v, x1_hat) of the NFE-20 run, coloured by t, with
+  the points at the last evaluation marked;
 - metrics.json: per NFE and setting, the pathwise RMSE against the model's own NFE-200
   solution, the energy distance to fresh data, and the wall time of sample();
 - run/: the training run (checkpoint, config, metrics.jsonl).
@@ -25,7 +27,8 @@ from . import plots
 from .config import TrainConfig
 from .data import load_data
 from .pretrained import load_trained
-from .sampler import PhaseSampler, published_T
+from .sampler import PhaseSampler
+from .settings import published_setting
 from .train import CHECKPOINT, energy_distance, train_or_resume
 from .tuning import reference_solution, rmse
 
@@ -66,7 +69,7 @@ def run_demo(out: Path, steps: int | None = None, progress: bool = True, samples
     rows, panels = [], {}
     for nfe in NFES:
         settings = {"defaults": PhaseSampler(bridge, nfe, backend="cpu"),
-                    "published": PhaseSampler(bridge, nfe, T=published_T(nfe), order=2, grid="rev-quad",
+                    "published": PhaseSampler(bridge, nfe, **published_setting(nfe).sampler_kwargs(),
                                               backend="cpu")}
         for name, sampler in settings.items():
             start = time.perf_counter()
@@ -79,10 +82,14 @@ def run_demo(out: Path, steps: int | None = None, progress: bool = True, samples
                 "energy_distance_to_data": energy_distance(data, x1), "sample_seconds": seconds,
             })
             if name == "defaults":
-                panels[f"NFE {nfe}"] = x1
-    _, trajectory = PhaseSampler(bridge, max(NFES), backend="cpu").sample(model, m0, return_trajectory=True)
-    plots.toy_panels(data, panels, out / "samples.png")
-    plots.phase_trajectories(trajectory, out / "trajectories.png")
+                panels[f"defaults: {plots.sampler_label(sampler)}"] = x1
+    traced = PhaseSampler(bridge, max(NFES), backend="cpu")
+    _, trajectory = traced.sample(model, m0, return_trajectory=True)
+    plots.toy_panels(data, panels, out / "samples.png",
+                     title=f"Demo toy model (3x3 Gaussian grid, {steps} training steps): "
+                           "samples with the default settings per NFE")
+    plots.phase_trajectories(trajectory, out / "trajectories.png",
+                             title=f"defaults: {plots.sampler_label(traced)}")
     metrics = {
         "command": "psb-fast demo", "train_steps": steps, "train_seconds_this_call": train_seconds,
         "samples": samples, "reference_nfe": REFERENCE_NFE, "data_vs_data_energy": energy_distance(

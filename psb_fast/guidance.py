@@ -5,7 +5,7 @@ A stroke s ([C, ...] or [B, C, ...], data units) is a rough picture of the wante
 - "dyn-v": before each of the first `strength * NFE` evaluations, v is redrawn from its
   bridge conditional given the current x and x1 = s:
       v | x, x1 = s  ~  N(cv s + (Lxv / Lxx) (x - cx s), Lvv^2)
-  (the Gaussian conditional of SPEC §1's m_t | x1; Lxv/Lxx = Sxv/Sxx and Lvv^2 = Svv - Sxv^2/Sxx).
+  (the Gaussian conditional of m_t | x1, docs/math.md §11.1; Lxv/Lxx = Sxv/Sxx and Lvv^2 = Svv - Sxv^2/Sxx).
 - "init-v": the initial velocity is mixed with the stroke once, v0 <- (1 - w) v0 + w s.
 - "inpaint": "dyn-v" over all steps where entries of s equal to -1 are unknown and are filled,
   at each step, from the running x1 estimate (the hop of the previous evaluation; before the
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .backends import real_scalar, unaliased
 from .bridge import Coefficients, split_phase
 
 MODES = ("dyn-v", "init-v", "inpaint")
@@ -52,6 +53,9 @@ class StrokeGuide:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not bool(torch.isfinite(self.stroke).all()):
             raise ValueError("stroke contains NaN or Inf")
+        for name in ("strength", "init_weight"):  # one-element tensors count as numbers
+            if isinstance(getattr(self, name), torch.Tensor):
+                object.__setattr__(self, name, real_scalar(name, getattr(self, name)))
         s = self.strength
         if s is not None and not (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 1):
             raise ValueError(f"strength must be in [0, 1] or None, got {s!r}")
@@ -80,7 +84,10 @@ class StrokeGuide:
 
 
 def mix_initial_velocity(m: torch.Tensor, stroke: torch.Tensor, weight: float) -> None:
-    """init-v, in place on m = [x | v]: v <- (1 - weight) v + weight * stroke."""
+    """init-v, in place on m = [x | v]: v <- (1 - weight) v + weight * stroke.
+
+    A stroke that shares memory with m (e.g. a view of x or v) is copied first."""
+    stroke = unaliased(stroke, m)
     v = split_phase(m)[1]
     v.mul_(1.0 - weight).add_(stroke, alpha=weight)
 

@@ -1,6 +1,6 @@
 """Networks F(m, t[, cond]) for AGM training: a residual MLP for vectors and a compact UNet for images.
 
-Both take the phase state m = [x | v] (SPEC §2: [B, 2D] or [B, 2C, H, W]), the time t in [0, 1)
+Both take the phase state m = [x | v] (docs/math.md §1.1: [B, 2D] or [B, 2C, H, W]), the time t in [0, 1)
 as a [B] tensor (or a 0-dim tensor / float, broadcast over the batch) and optional class labels
 cond (long [B]), and return F with x's shape ([B, D] or [B, C, H, W]) in normalized units.
 With num_classes set, the class embedding has one extra "null" class (index num_classes) that

@@ -1,4 +1,4 @@
-"""Coefficients of the exponential multistep ("gDDIM") update (SPEC §3), to ~1e-14 relative.
+"""Coefficients of the exponential multistep ("gDDIM") update (docs/math.md §7), to ~1e-14 relative.
 
 For step i from t_i to t_{i+1} with q = min(i, order) history points:
 
@@ -21,6 +21,8 @@ import torch
 
 from .bridge import PhaseBridge
 
+MAX_ORDER = 3
+MAX_HISTORY = MAX_ORDER + 1  # model outputs one update reads (phase_step's F_hist, the kernel's slots)
 GL_NODES = 24
 PANEL_WIDTH = 0.5  # max width of one Gauss-Legendre panel in u = -log(1 - s)
 
@@ -59,8 +61,8 @@ def multistep_coefficients(
     grid: increasing float64 [n] times (t_0 .. t_{n-1} = T); order: 0..3.
     Steps: i = 0..n-2 (t_i -> t_{i+1}), and i = n-1 (T -> t_end) when t_end is not None.
     """
-    if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= 3:
-        raise ValueError(f"order must be an int in 0..3, got {order!r}")
+    if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= MAX_ORDER:
+        raise ValueError(f"order must be an int in 0..{MAX_ORDER}, got {order!r}")
     times = [float(v) for v in grid.tolist()]
     if any(b <= a for a, b in zip(times[:-1], times[1:], strict=False)):
         raise ValueError(f"grid must be strictly increasing, got {times}")

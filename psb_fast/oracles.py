@@ -2,7 +2,7 @@
 
 For data x1 drawn from an isotropic Gaussian mixture, the posterior of x1 given the phase
 state m_t = (x_t, v_t) is again a Gaussian mixture, so E[x1 | m], the score and the network
-target E[f | m] / N(t) (SPEC §2) are available in closed form. Used by the tests, the
+target E[f | m] / N(t) (docs/math.md §6.3) are available in closed form. Used by the tests, the
 sampler tuning and the benchmarks as a model with zero training error.
 
 Math per coordinate j (all coordinates share the per-t coefficients of `PhaseBridge`):
@@ -21,7 +21,7 @@ Everything else is linear in x1, so E[. | m] evaluates it at x1_hat = E[x1 | m],
 noise eps = (eps_x, eps_v) = w - u x1_hat. Near t -> 1 the residual w - u xhat is a tiny
 difference of huge numbers; it is formed instead as its component along n = (-u_v, u_x)/|u|,
 (n.w) n with n.w |u| = (cx v - cv x) / (Lxx Lvv) (no cancellation), and
-eps = (n.w) n - u (x1_hat - xhat). Then, with tau = 1 - t, P = 4/tau, g = p tau (SPEC §2):
+eps = (n.w) n - u (x1_hat - xhat). Then, with tau = 1 - t, P = 4/tau, g = p tau (docs/math.md §5.2):
 
     E[a | m] = 4 (x1_hat - x - tau v) / tau^2 = 4 tau^2 x1_hat - P (AA eps_x + Lvv eps_v)
     grad_v log p_t(m) = ell eps_v
@@ -40,11 +40,9 @@ from typing import NamedTuple
 import torch
 
 from .bridge import Coefficients, PhaseBridge, check_t, split_phase
+from .settings import T_END  # the largest end time of `ode_solution`
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-#: Largest end time of `ode_solution` (SPEC §3: sampling ends at t_end = 0.999).
-T_END = 0.999
 
 
 class _Posterior(NamedTuple):
@@ -181,7 +179,7 @@ class GaussianMixture:
         return post.co.ell * post.eps_v
 
     def expected_f(self, bridge: PhaseBridge, m: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        """E[f | m_t = m] (un-normalized, SPEC §2), [B, D] float64: dv/dt of the sampling flow.
+        """E[f | m_t = m] (un-normalized, docs/math.md §5.2), [B, D] float64: dv/dt of the sampling flow.
 
         probODE: E[a | m] - 0.5 g^2 grad_v log p_t(m);  SDE: E[a | m];
         E[a | m] = 4 (x1_hat - x - tau v) / tau^2, evaluated without cancellation (module doc).

@@ -7,6 +7,7 @@ window). Every function creates the output's parent folder if needed.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 _PANEL_INCHES = 3.2
 _DPI = 100
@@ -48,22 +49,46 @@ def _limits(arrays: list[np.ndarray]) -> tuple[float, float]:
     return lo - margin, hi + margin
 
 
-def toy_panels(data: torch.Tensor, samples: dict[str, torch.Tensor], path: str | Path) -> None:
+def _title(name: str, value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
+    return value
+
+
+def sampler_label(sampler: object) -> str:
+    """A short description of a PhaseSampler's settings for figure titles, e.g.
+    "NFE 10, T 0.753, order 2, tuned grid" (solver named when it is not the ODE)."""
+    solver = getattr(sampler, "solver", "ode")
+    parts = [f"NFE {sampler.nfe}", f"T {sampler.T:.3g}", f"order {sampler.order}",
+             f"{sampler.grid_kind} grid"]
+    if solver != "ode":
+        parts.append(f"solver {solver}")
+    return ", ".join(parts)
+
+
+def toy_panels(data: torch.Tensor, samples: dict[str, torch.Tensor], path: str | Path,
+               title: str | None = None) -> None:
     """Side-by-side scatter panels with the same limits: `data` [N, 2] first, then one panel per
-    entry of `samples` (title: its key, e.g. "NFE 5"; value [B, 2]).
+    entry of `samples` (panel title: its key, e.g. "NFE 5 (T 0.4, order 2, rev-quad grid)";
+    value [B, 2]). Axes are the two data coordinates; `title` heads the figure, with the point
+    counts of each panel below their titles.
     """
+    title = _title("title", title)
     if not isinstance(samples, dict):
         raise TypeError(f"samples must be a dict of name -> tensor [B, 2], got {type(samples).__name__}")
     panels = {"data": _points("data", data)}
     panels.update({str(key): _points(f"samples[{key!r}]", value) for key, value in samples.items()})
     lo, hi = _limits(list(panels.values()))
-    fig = Figure(figsize=(_PANEL_INCHES * len(panels), _PANEL_INCHES + 0.3))
-    for i, (title, points) in enumerate(panels.items()):
+    fig = Figure(figsize=(_PANEL_INCHES * len(panels), _PANEL_INCHES + 0.8))
+    for i, (name, points) in enumerate(panels.items()):
         ax = fig.add_subplot(1, len(panels), i + 1)
         ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5, color="k" if i == 0 else f"C{i - 1}",
                    linewidths=0)
-        ax.set(title=title, xlim=(lo, hi), ylim=(lo, hi), aspect="equal")
+        ax.set(xlim=(lo, hi), ylim=(lo, hi), aspect="equal", xlabel="x[0]", ylabel="x[1]" if i == 0 else None)
+        ax.set_title(f"{name}\n{len(points)} points", fontsize=8)
         ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 
@@ -89,42 +114,54 @@ def _trajectory_arrays(trajectory: object, n_paths: int) -> tuple[np.ndarray, di
     return times, paths
 
 
-def phase_trajectories(trajectory: list[dict], path: str | Path, n_paths: int = 64) -> None:
+def phase_trajectories(trajectory: list[dict], path: str | Path, n_paths: int = 64,
+                       title: str | None = None) -> None:
     """Phase-space figure of a sampling run (PhaseSampler.sample(..., return_trajectory=True)).
 
     trajectory: snapshots {"t": float, "x", "v", "x1_hat": [B, 2]}, one per network evaluation.
     Three panels for the first n_paths samples: position paths x(t), velocity paths v(t) and the
-    path of the data estimate x1_hat(t), each coloured from early (dark) to late t (light), with
-    the final points marked.
+    path of the data estimate x1_hat(t), coloured by t (colour bar), with each path's point at the
+    last evaluation marked in red (legend). `title` (e.g. the sampler's settings,
+    `sampler_label(sampler)`) heads the figure.
     """
+    title = _title("title", title)
     times, paths = _trajectory_arrays(trajectory, n_paths)
     span = max(times.max() - times.min(), 1e-12)
-    shade = (times - times.min()) / span
-    titles = {"x": "position x(t)", "v": "velocity v(t)", "x1_hat": "estimate x1_hat(t)"}
-    fig = Figure(figsize=(3 * _PANEL_INCHES + 0.8, _PANEL_INCHES + 0.3))
+    titles = {"x": "position x(t)", "v": "velocity v(t)", "x1_hat": "data estimate x1_hat(t)"}
+    fig = Figure(figsize=(3 * _PANEL_INCHES + 1.4, _PANEL_INCHES + 0.6), layout="constrained")
+    collection = None
     for i, key in enumerate(("x", "v", "x1_hat")):
         ax = fig.add_subplot(1, 3, i + 1)
         lines = paths[key]
         if lines.shape[1] > 1:
             segments = np.concatenate([lines[:, :-1, None], lines[:, 1:, None]], axis=2).reshape(-1, 2, 2)
-            colours = np.tile(0.5 * (shade[:-1] + shade[1:]), lines.shape[0])
+            colours = np.tile(0.5 * (times[:-1] + times[1:]), lines.shape[0])
             collection = LineCollection(segments, array=colours, cmap="viridis", linewidths=0.7, alpha=0.8)
-            collection.set_clim(0.0, 1.0)
+            collection.set_clim(times.min(), times.min() + span)
             ax.add_collection(collection)
-        ax.scatter(lines[:, -1, 0], lines[:, -1, 1], s=6, color="crimson", zorder=3, linewidths=0)
+        ax.scatter(lines[:, -1, 0], lines[:, -1, 1], s=6, color="crimson", zorder=3, linewidths=0,
+                   label=f"at the last evaluation, t = {times[-1]:.3g}")
         lo, hi = _limits([lines.reshape(-1, 2)])
-        ax.set(title=titles[key], xlim=(lo, hi), ylim=(lo, hi), aspect="equal")
+        ax.set(title=titles[key], xlim=(lo, hi), ylim=(lo, hi), aspect="equal", xlabel=f"{key}[0]",
+               ylabel=f"{key}[1]")
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"t from {times.min():.3g} (dark) to {times.max():.3g} (light)", fontsize=9)
-    fig.tight_layout()
+        if i == 0:
+            ax.legend(loc="upper left", fontsize=6, markerscale=2, frameon=True)
+    if collection is not None:
+        fig.colorbar(collection, ax=fig.axes, label="t (sampler time)", shrink=0.8)
+    heading = f"{lines.shape[0]} sample paths over {len(times)} network evaluations"
+    fig.suptitle(f"{title}: {heading}" if title else heading, fontsize=10)
     _save(fig, path)
 
 
-def image_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int | None = None) -> None:
+def image_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int | None = None,
+               title: str | None = None) -> None:
     """PNG grid of images x [B, C, H, W] (C = 1 or 3) in [-1, 1] (clipped), nrow images per row
     (default ceil(sqrt(B))), 1-pixel black gaps between images, then enlarged `scale` times by pixel
     repetition (default: the smallest factor making the longer side >= 256 pixels, 1 for large grids).
+    `title` (one line, e.g. the sampler's settings) is written on a white band above the grid.
     """
+    title = _title("title", title)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor [B, C, H, W], got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[0] < 1:
@@ -147,6 +184,29 @@ def image_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale
         scale = math.ceil(_MIN_GRID_PIXELS / max(grid.shape[1:]))
     grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     array = grid[0].numpy() if channels == 1 else grid.permute(1, 2, 0).numpy()
+    image = Image.fromarray(array, mode="L" if channels == 1 else "RGB")
+    if title:
+        image = _with_title(image, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode="L" if channels == 1 else "RGB").save(path, format="PNG")
+    image.save(path, format="PNG")
+
+
+def _with_title(image: Image.Image, title: str) -> Image.Image:
+    """`image` below a white band holding `title` in black (wrapped to the image's width)."""
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(image)
+    char_w = max(1, probe.textlength("M", font=font))
+    per_line = max(8, int(image.width // char_w))
+    lines = textwrap.wrap(title, per_line) or [""]
+    top, bottom = font.getbbox("Mg")[1::2]
+    line_h = int(bottom - top) + 4
+    band = Image.new(image.mode, (image.width, line_h * len(lines) + 4), 255 if image.mode == "L" else
+                     (255, 255, 255))
+    draw = ImageDraw.Draw(band)
+    for i, line in enumerate(lines):
+        draw.text((2, 2 + i * line_h), line, fill=0 if image.mode == "L" else (0, 0, 0), font=font)
+    out = Image.new(image.mode, (image.width, band.height + image.height))
+    out.paste(band, (0, 0))
+    out.paste(image, (0, band.height))
+    return out

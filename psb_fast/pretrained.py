@@ -17,6 +17,7 @@ from .bridge import PhaseBridge
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, config_from_dict
 from .data import load_data
+from .distributed import resolve_device
 from .models import make_model
 
 
@@ -44,9 +45,10 @@ def load_trained(
 ) -> Trained:
     """Rebuild the network of a psb_fast training checkpoint and load its weights.
 
-    path: a checkpoint.pt written by psb_fast.train (or its run folder). ema: load the EMA
-    weights (the ones to sample with) instead of the raw ones.
+    path: a checkpoint.pt written by psb_fast.train (or its run folder). device: see
+    `resolve_device`. ema: load the EMA weights (the ones to sample with) instead of the raw ones.
     """
+    device = resolve_device(device)
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"

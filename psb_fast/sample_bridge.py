@@ -1,12 +1,13 @@
-"""bridge_sample: the training data path (SPEC §2) — (m_t, label) for data x1 at times t.
+"""bridge_sample: the training data path (docs/math.md §5.1) — (m_t, label) for data x1 at times t.
 
-Backends (SPEC §4):
-    "triton"     fused Triton kernel (psb_fast.kernels.bridge): CUDA tensors, or CPU tensors under
-                 the Triton interpreter (TRITON_INTERPRET=1). Noise is Philox, keyed by (seed,
-                 global element index): chunks of a batch reproduce the whole batch.
+Backends (docs/math.md §12):
+    "triton"     fused Triton kernel (psb_fast.kernels.bridge, imported on first use): CUDA
+                 tensors, or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1). Noise
+                 is Philox, keyed by (seed, global element index): chunks of a batch reproduce the
+                 whole batch.
     "cpu"        fused PyTorch path: noise drawn straight into the output buffer, then transformed
                  in place (float32 element math). Works on any device; meant for CPU.
-    "reference"  reference.bridge.bridge_sample_reference (float64 math, the test oracle).
+    "reference"  psb_fast.float64_backend.bridge_sample (plain float64 torch math).
     "auto"       "triton" for CUDA tensors, "cpu" otherwise.
 With eps given, all backends compute the same numbers up to float32 rounding; the noise streams
 drawn from a seed differ between backends (same distribution).
@@ -18,14 +19,17 @@ import math
 
 import torch
 
-from .backends import check_storage, resolve_backend
+from . import float64_backend as f64
+from .backends import all_finite, check_storage, first_nonfinite, kernel_module, resolve_backend
 from .bridge import PhaseBridge, check_t
-from .kernels.bridge import COEF_FIELDS, bridge_sample_triton
-from .reference.bridge import bridge_sample_reference
+from .seeds import row_seed
+
+# The [8, B] float64 coefficient rows of the fused data path (cpu and triton): row k holds
+# PhaseBridge.coefficients(t).<COEF_FIELDS[k]> (the kernel reads them in this order).
+COEF_FIELDS = ("cx", "cv", "lxx", "lxv", "lvv", "label_x1", "label_eps_x", "label_eps_v")
 
 MAX_SEED = 2**63
 _BLOCK_ELEMENTS = 16384  # elements per block of rows on the cpu path (ATen's grain is 32768)
-_GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant (2**64 / golden ratio) mixing row_offset into seeds
 
 
 def bridge_sample(
@@ -38,7 +42,7 @@ def bridge_sample(
     *,
     row_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample m_t ~ p(m_t | x1) and the training label (SPEC §2), fused.
+    """Sample m_t ~ p(m_t | x1) and the training label (docs/math.md §5.1, §5.2), fused.
 
     Args:
         bridge: the PhaseBridge (its mode selects the label).
@@ -57,7 +61,13 @@ def bridge_sample(
         x1's dtype (element math float32, reference float64). Not differentiable.
 
     Raises:
-        TypeError / ValueError on bad arguments, before any kernel runs.
+        TypeError / ValueError on bad arguments, before any kernel runs. For CPU tensors (any
+        backend) this includes NaN or Inf in x1 or eps (ValueError naming it; one extra read of
+        x1). On CUDA that check is skipped: it would force a host sync per batch, and NaN/Inf
+        inputs there give NaN/Inf in m_t and label (the training loss reports them).
+
+    x1 and eps are only read (the outputs are new tensors), so they may overlap each other or be
+    expanded (stride 0); the result is that of the call on contiguous copies.
     """
     if not isinstance(bridge, PhaseBridge):
         raise TypeError(f"bridge must be a PhaseBridge, got {type(bridge).__name__}")
@@ -71,19 +81,24 @@ def bridge_sample(
     if eps is not None:
         eps = _check_eps(eps, x1)
     name = resolve_backend(backend, x1)
+    if x1.device.type == "cpu":
+        _check_finite("x1", x1)
+        for label, e in zip(("eps_x", "eps_v"), eps or (), strict=False):
+            _check_finite(label, e)
 
     if name == "reference":
         generator = None
         if eps is None:
-            generator = torch.Generator(device=x1.device).manual_seed(_mix(seed, row_offset))
+            generator = torch.Generator(device=x1.device).manual_seed(row_seed(seed, row_offset))
         eps_x, eps_v = eps if eps is not None else (None, None)
-        return bridge_sample_reference(bridge, x1, t, eps_x, eps_v, generator=generator)
+        return f64.bridge_sample(bridge, x1, t64, eps_x, eps_v, generator)
 
     co = bridge.coefficients(t64)
     coef = torch.stack([getattr(co, field) for field in COEF_FIELDS])  # [8, B] float64
     if name == "triton":
-        return bridge_sample_triton(x1, coef, seed=seed, row_offset=row_offset, eps=eps)
-    return _bridge_sample_torch(x1, coef, _mix(seed, row_offset), eps)
+        kernel = kernel_module("bridge").bridge_sample_triton
+        return kernel(x1, coef, seed=seed, row_offset=row_offset, eps=eps)
+    return _bridge_sample_torch(x1, coef, row_seed(seed, row_offset), eps)
 
 
 def _bridge_sample_torch(
@@ -168,6 +183,7 @@ def _check_eps(
     return eps[0], eps[1]
 
 
-def _mix(seed: int, row_offset: int) -> int:
-    """A 64-bit generator seed from (seed, row_offset); row_offset 0 leaves seed unchanged."""
-    return (seed ^ (row_offset * _GOLDEN)) % 2**64
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise ValueError naming `tensor` and its first NaN/Inf (CPU tensors: no device sync)."""
+    if not all_finite(tensor):
+        raise ValueError(f"{name} must be finite, got {first_nonfinite(tensor)}")

@@ -1,4 +1,4 @@
-"""PhaseSampler: few-NFE sampling of phase-space models with the fused step kernels (SPEC §3).
+"""PhaseSampler: few-NFE sampling of phase-space models with the fused step kernels (docs/math.md §10).
 
 The loop is flat: evaluate F at each grid time, then one fused in-place update of m = [x | v]
 (exponential multistep for "ode"; exact-noise, Euler-Maruyama or compat SSCS steps for SDE
@@ -8,83 +8,36 @@ models). All per-step coefficients are built once, in float64, when the sampler 
 from __future__ import annotations
 
 import math
+import operator
 import os
-import zlib
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 from tqdm.auto import tqdm
 
-from .backends import BACKENDS, STORAGE_DTYPES
+from .backends import BACKENDS, STORAGE_DTYPES, real_scalar, resolve_backend
 from .bridge import PhaseBridge, split_phase
-from .guidance import StrokeGuide, fill_unknown, mix_initial_velocity, redraw_velocity
+from .defaults import default_setting
+from .grids import GRID_NAMES, PUBLISHED_GRID, explicit_grid, make_grid
+from .guidance import StrokeGuide
+from .hooks import Guidance, record_trajectory, report_to
+from .loop import Hooks, ModelCall, check_finite, integrate
+from .loop import raise_first_nonfinite as _raise_first_nonfinite
 from .multistep import MultistepCoefficients, multistep_coefficients
-from .reference.grids import rev_quad_grid, uniform_grid
-from .stepping import phase_hop, phase_step, sde_step
-from .tuned_defaults import grid_from_setting, tuned_grid, tuned_settings
+from .settings import PUBLISHED_ORDER, PUBLISHED_T, T_END, Setting, published_setting, published_T
+from .solvers import graph_noise, make_plan, seeded_noise, solver_step, sscs_first_half
 from .tuning import load_tuned
 
 SOLVERS = ("ode", "sde", "em", "sscs")
-GRIDS = ("tuned", "rev-quad", "uniform", "power-<q>")
-T_END = 0.999
-# Published settings (AGM, CIFAR-10 with hop): NFE -> T; order 2 on the rev-quad grid.
-PUBLISHED_T = {5: 0.4, 10: 0.7, 20: 0.9}
-PUBLISHED_ORDER = 2
-PUBLISHED_GRID = "rev-quad"
-
-
-def published_T(nfe: int) -> float:
-    """T of the published settings, linearly interpolated in NFE between 5, 10 and 20 (clamped)."""
-    keys = sorted(PUBLISHED_T)
-    if nfe <= keys[0]:
-        return PUBLISHED_T[keys[0]]
-    if nfe >= keys[-1]:
-        return PUBLISHED_T[keys[-1]]
-    lo = max(k for k in keys if k <= nfe)
-    hi = min(k for k in keys if k >= nfe)
-    if lo == hi:
-        return PUBLISHED_T[lo]
-    w = (nfe - lo) / (hi - lo)
-    return (1 - w) * PUBLISHED_T[lo] + w * PUBLISHED_T[hi]
-
-
-def make_grid(kind: str, nfe: int, t0: float, T: float) -> torch.Tensor:
-    """The NFE evaluation times, float64 [nfe].
-
-    kind: "tuned" (the tuned grid for this NFE, psb_fast.tuned_defaults), "rev-quad" (the
-    published grid, power 2), "uniform", or "power-<q>" for the power grid
-    t_i = (t0^(1/q) + i/(n-1) (T^(1/q) - t0^(1/q)))^q of any order q > 0 (e.g. "power-2.5").
-    """
-    if kind == "tuned":
-        return tuned_grid(nfe, t0, T)
-    if kind == "rev-quad":
-        return rev_quad_grid(nfe, t0, T, 2.0)
-    if kind == "uniform":
-        return uniform_grid(nfe, t0, T)
-    if isinstance(kind, str) and kind.startswith("power-"):
-        try:
-            q = float(kind[len("power-"):])
-        except ValueError:
-            q = math.nan
-        if math.isfinite(q) and q > 0:
-            return rev_quad_grid(nfe, t0, T, q)
-    raise ValueError(f"grid must be one of {GRIDS} (q > 0), got {kind!r}")
-
-
-def _explicit_grid(grid: Sequence[float] | torch.Tensor, nfe: int, t0: float) -> torch.Tensor:
-    """Validate user-given grid times: nfe finite values, strictly increasing, from t0, below 1."""
-    try:
-        times = torch.as_tensor(grid, dtype=torch.float64).flatten().cpu()
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"grid must be a grid name {GRIDS} or a sequence of times, got {grid!r}") from err
-    if times.numel() != nfe:
-        raise ValueError(f"grid must hold nfe={nfe} times, got {times.numel()}")
-    if not bool(torch.isfinite(times).all()) or (nfe > 1 and not bool((times.diff() > 0).all())):
-        raise ValueError(f"grid times must be finite and strictly increasing, got {times.tolist()}")
-    if not math.isclose(float(times[0]), t0, rel_tol=0, abs_tol=1e-12):
-        raise ValueError(f"grid must start at t0={t0}, got {float(times[0])!r}")
-    return times
+GRIDS = GRID_NAMES
+# Upper bound on nfe: the coefficient tables take ~24 quadrature nodes per step (tens of MB of
+# float64 temporaries at 10_000 steps, ~1 s to build), and no few-step sampler needs more.
+MAX_NFE = 10_000
+# T_END, published_T and the published settings live in psb_fast.settings, the grids in
+# psb_fast.grids; the names stay importable from here.
+__all__ = ["GRIDS", "MAX_NFE", "PUBLISHED_GRID", "PUBLISHED_ORDER", "PUBLISHED_T", "SOLVERS", "T_END",
+           "PhaseSampler", "make_grid", "published_T"]
 
 
 @lru_cache(maxsize=64)
@@ -99,19 +52,26 @@ def _cached_coefficients(
 class PhaseSampler:
     """Few-NFE sampler for a model F = model(m, t[, cond]) trained on `bridge`.
 
-    nfe: network evaluations (>= 1). T: last grid time (the hop time with hop=True; with
-    hop=False a final step runs from T to 0.999). t0: first grid time. order: multistep order
-    0..3 ("ode" only). grid: "tuned", "rev-quad", "uniform", "power-<q>", or the nfe grid times
-    themselves (an increasing sequence from t0 to T). hop: output the x1 estimate at T instead of
-    x at 0.999. solver: "ode" (probODE models), or "sde" (exact noise), "em", "sscs" (SDE models).
+    nfe: network evaluations, an int in [1, MAX_NFE = 10_000] (the per-step coefficient tables
+    are built at construction). T: last grid time (the hop time with hop=True; with hop=False
+    a final step runs from T to 0.999). t0: first grid time. T and t0 are real numbers or
+    one-element real tensors. order: multistep order 0..3 ("ode" only). grid: "tuned",
+    "rev-quad", "uniform", "power-<q>", or the nfe grid times themselves (an increasing sequence
+    from t0 to T). hop: a bool, output the x1 estimate at T instead of x at 0.999.
+    solver: "ode" (probODE models), or "sde" (exact noise), "em", "sscs" (SDE models).
     backend: "auto", "triton", "cpu" or "reference". cuda_graph: on CUDA, capture the whole
     loop (model included; it must be capturable: no host syncs, static shapes) in a CUDA graph
     on the first sample() call per (model, cond, m0 shape/dtype/device) and replay it after.
 
-    Defaults (None): with solver="ode" and hop=True, T, order and grid take the tuned
-    per-NFE defaults of `psb_fast.tuned_defaults` (benchmarks/results/tuning_table.md); otherwise
-    T is the published one (hop) or 0.99 (no hop), order 2 ("ode") and grid "rev-quad".
-    order=2, grid="rev-quad" and T=published_T(nfe) reproduce the published sampler.
+    Defaults (None): with solver="ode" and hop=True, T, order and grid take the per-NFE
+    package defaults, `psb_fast.defaults.default_setting(nfe)` (psb_fast/defaults.json;
+    benchmarks/results/tuning_table.md); otherwise T is the published one (hop) or 0.99 (no hop),
+    order 2 ("ode") and grid "rev-quad". order=2, grid="rev-quad" and T=published_T(nfe), i.e.
+    `**psb_fast.settings.published_setting(nfe).sampler_kwargs()`, reproduce the published sampler.
+
+    Every argument is checked here, before any table is built (ValueError for bad values,
+    TypeError for bad types, each naming the argument); sample() checks its own arguments
+    before the first model call.
     """
 
     def __init__(
@@ -129,8 +89,9 @@ class PhaseSampler:
     ) -> None:
         if not isinstance(bridge, PhaseBridge):
             raise TypeError(f"bridge must be a PhaseBridge, got {type(bridge).__name__}")
-        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-            raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
+        nfe = _count("nfe", nfe, 1, MAX_NFE)
+        if not isinstance(hop, bool):
+            raise TypeError(f"hop must be a bool, got {hop!r}")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if backend not in BACKENDS:
@@ -140,24 +101,27 @@ class PhaseSampler:
             raise ValueError(
                 f"solver={solver!r} needs a bridge with mode={expected_mode!r}, got mode={bridge.mode!r}"
             )
-        if not (isinstance(t0, (int, float)) and math.isfinite(t0) and 0 <= t0 < 1):
+        t0 = real_scalar("t0", t0)
+        if not (math.isfinite(t0) and 0 <= t0 < 1):
             raise ValueError(f"t0 must be in [0, 1), got {t0!r}")
+        if T is not None:
+            T = real_scalar("T", T)
         tuned = solver == "ode" and hop
         explicit = grid is not None and not isinstance(grid, str)
         if explicit:
-            times = _explicit_grid(grid, nfe, float(t0))
+            times = explicit_grid(grid, nfe, float(t0))
             if T is not None and not math.isclose(float(T), float(times[-1]), rel_tol=0, abs_tol=1e-12):
                 raise ValueError(f"T={T!r} disagrees with the given grid's last time {float(times[-1])!r}")
             T = float(times[-1])
+        default = default_setting(nfe) if tuned else published_setting(nfe)
         if T is None:
-            T = tuned_settings(nfe)[0] if tuned else (published_T(nfe) if hop else 0.99)
+            T = default.T if hop else 0.99
         upper = 1.0 if hop else T_END
-        if not (isinstance(T, (int, float)) and math.isfinite(T) and t0 < T < upper):
+        if not (math.isfinite(T) and t0 < T < upper):
             raise ValueError(f"T must be in (t0, {upper}) = ({t0}, {upper}), got {T!r}")
         if order is None:
-            order = (tuned_settings(nfe)[2] if tuned else PUBLISHED_ORDER) if solver == "ode" else 0
-        if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= 3:
-            raise ValueError(f"order must be an int in 0..3, got {order!r}")
+            order = default.order if solver == "ode" else 0
+        order = _count("order", order, 0, 3)
         if solver != "ode" and order != 0:
             raise ValueError(f"order applies to solver='ode' only; got order={order} for {solver!r}")
         if grid is None:
@@ -175,10 +139,8 @@ class PhaseSampler:
         self.coefficients = _cached_coefficients(
             bridge.key(), tuple(self.grid.tolist()), order, t_end
         )
-        self._steps = [
-            (i, float(self.coefficients.t[i]), float(self.coefficients.h[i]))
-            for i in range(len(self.coefficients.h))
-        ]
+        # The loop's per-step scalars and hop weights, float64, once (psb_fast.solvers.StepPlan).
+        self._plan = make_plan(bridge, self.grid, self.coefficients, solver, order)
 
     @classmethod
     def from_tuned(cls, path: str | os.PathLike, bridge: PhaseBridge, nfe: int, **kwargs) -> PhaseSampler:
@@ -192,10 +154,9 @@ class PhaseSampler:
         entries = load_tuned(path)
         if nfe not in entries:
             raise ValueError(f"nfe={nfe!r} is not in {os.fspath(path)!r}; tuned NFEs: {sorted(entries)}")
-        e = entries[nfe]
+        setting = Setting.from_json(entries[nfe])
         t0 = kwargs.pop("t0", 1e-5)
-        grid = grid_from_setting(nfe, t0, e["T"], e["q"], e.get("fractions"))
-        return cls(bridge, nfe, T=e["T"], t0=t0, order=e["order"], grid=grid, **kwargs)
+        return cls(bridge, nfe, T=setting.T, t0=t0, order=setting.order, grid=setting.grid(nfe, t0), **kwargs)
 
     def __repr__(self) -> str:
         return (
@@ -225,7 +186,24 @@ class PhaseSampler:
         return_trajectory=True also returns a list of snapshots {"t", "x", "v", "x1_hat"} (one
         per NFE). callback receives {"i", "t", "m", "F"} after each evaluation. Runs without
         autograd (torch.no_grad), so a model in training mode or with trainable weights is fine.
+
+        F may share memory with its input m (e.g. be a view of it): the sampler then keeps a
+        copy, so the result is that of a model returning copies. The model must not write to m,
+        nor to an output it returned earlier that the multistep still reads: such a write is
+        caught through torch's version counter (ValueError), except writes that do not bump it
+        (e.g. a CUDA-graph replay into a static output tensor): return a new tensor per call.
+        model, callback, return_trajectory, progress, seed and guide are checked before the
+        first model call. Raises ValueError naming the step when m0, a model output, the state
+        after an update or the returned sample holds NaN or Inf (on the CPU at once; on
+        accelerators through device flags read once after the loop).
         """
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable or None, got {callback!r}")
+        for name, flag in (("return_trajectory", return_trajectory), ("progress", progress)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         seed = _resolve_seed(seed)
         if guide is not None and not isinstance(guide, StrokeGuide):
             raise TypeError(f"guide must be a StrokeGuide or None, got {type(guide).__name__}")
@@ -236,63 +214,86 @@ class PhaseSampler:
                     "progress are not available with it"
                 )
             return self._sample_graphed(model, m0, cond)
-        x1, trajectory, finite = self._integrate(model, m0, cond, seed, guide, progress, callback,
-                                                 return_trajectory, graphed=False)
+        trajectory: list[dict] | None = [] if return_trajectory else None
+        x1, finite = self._run(model, m0, cond, seed=seed, guide=guide, progress=progress, callback=callback,
+                               trajectory=trajectory)
         _raise_first_nonfinite(finite)
         return (x1, trajectory) if return_trajectory else x1
 
-    def _integrate(self, model, m0, cond, seed, guide, progress, callback, return_trajectory, graphed):
-        """The sampling loop (SPEC §3): returns (x1 in m0's dtype, trajectory, finiteness flags)."""
-        m = self._initial_state(m0)
-        x_shape = split_phase(m)[0].shape
-        stroke, known = guide.bind(split_phase(m)[0]) if guide is not None else (None, None)
-        if guide is not None and guide.mode == "init-v":
-            mix_initial_velocity(m, stroke, guide.init_weight)
-        redraws = guide.redraw_steps(self.nfe) if guide is not None else 0
-        generator = torch.Generator(device=m.device).manual_seed(_step_seed(seed, -1)) if redraws else None
-        x1_hat = torch.zeros_like(stroke) if known is not None else None
-        noise = _graph_noise if graphed else _seeded_noise
-        trajectory: list[dict] = []
-        times = self._device_grid(m0.dtype, m0.device)
-        history: list[torch.Tensor] = []
-        finite: list[tuple[int, float, torch.Tensor]] = []  # device flags, checked once at the end
-        F = None
-        for i in tqdm(range(self.nfe), disable=not progress, desc="PhaseSampler"):
-            t_i = float(self.grid[i])
-            if self.solver == "sscs" and i < len(self._steps):
-                # Compat SSCS: half step, then F at the midpoint (below), then half step.
-                h = self._steps[i][2]
-                sde_step("sscs_half", m, None, self.bridge, t_i, 0.5 * h, **noise(m, seed, 2 * i),
-                         backend=self.backend)
-                t_eval = t_i + 0.5 * h
-                t_vec = torch.full((m.shape[0],), t_eval, dtype=m0.dtype, device=m0.device)
-            else:
-                t_eval, t_vec = t_i, times[i].expand(m.shape[0])
-            if i < redraws:  # dyn-v / inpaint: v from its conditional given x and x1 = stroke
-                target = stroke if known is None else fill_unknown(stroke, known, x1_hat)
-                redraw_velocity(m, target, self.bridge.coefficients(t_eval), generator)
-            F = self._evaluate(model, m, t_vec, cond, x_shape, m0.dtype, i, t_eval)
-            if F.device.type != "cpu":
-                finite.append((i, t_eval, torch.isfinite(F).all()))
-            if callback is not None:
-                callback({"i": i, "t": t_eval, "m": m, "F": F})
-            if return_trajectory:
-                trajectory.append(self._snapshot(m, F, t_eval))
-            if known is not None and i + 1 < redraws:
-                x1_hat = phase_hop(self.bridge, m, F, t_eval, self.backend)
-            if i == len(self._steps):
-                break
-            self._advance(m, F, history, i, seed, noise)
-        T_hop = float(self.grid[-1])  # = T, or t0 when nfe == 1
-        x1 = phase_hop(self.bridge, m, F, T_hop, self.backend) if self.hop else split_phase(m)[0]
-        return x1.to(m0.dtype), trajectory, finite
+    def _run(
+        self, model, m0: torch.Tensor, cond, *, seed: int, guide: StrokeGuide | None = None,
+        progress: bool = False, callback: Callable[[dict], None] | None = None,
+        trajectory: list[dict] | None = None, graphed: bool = False,
+    ) -> tuple[torch.Tensor, list[tuple]]:
+        """One sampling run (docs/math.md §10.3) -> (x1 in m0's dtype, the finiteness flags).
 
-    def _device_grid(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The grid times as a tensor on `device`, made once per (dtype, device): no host-to-device
-        copy per call (none may happen inside a CUDA-graph capture)."""
-        key = (dtype, device)
+        The loop is `psb_fast.loop.integrate`; this puts its pieces together: the checked model
+        call, the solver's step (`psb_fast.solvers`) and the hooks the arguments ask for
+        (`_hooks`). Everything is checked before the first model call; on accelerators the
+        finiteness flags stay on the device and the caller reads them once, after the loop.
+        """
+        plan, finite = self._plan, []  # finite: (i, t, device flag, kind)
+        m = self._initial_state(m0)  # m_0 = [x_0 | v_0], float32
+        check_finite(m, finite, 0, self.t0, "m0")
+        backend = resolve_backend(self.backend, m)
+        C = m.shape[1] // 2
+        views = (m.narrow(1, 0, C), m.narrow(1, C, C)) if backend == "cpu" else None  # (x, v), made once
+        noise = graph_noise if graphed else seeded_noise(seed)
+        hooks, bar = self._hooks(m, finite, backend, noise, views, seed=seed, guide=guide, callback=callback,
+                                 trajectory=trajectory, progress=progress)
+        # F_i = model(m_i, t_i), checked; on the CPU with no hook reading F_i before its step, the
+        # state check after the step covers F_i's finiteness (see ModelCall).
+        check_from = plan.n_steps if m.is_cpu and not hooks.after_eval else 0
+        evaluate = ModelCall(model, cond, self._device_grid(m0.dtype, m0.device, m.shape[0]), m0.dtype, m,
+                             finite, plan.t_eval, check_from)
+        hooks.after_step.append(partial(_check_state, finite, plan.t_eval, evaluate))
+        step = solver_step(plan, self.solver, self.order, backend, noise, views)
+        try:
+            F = integrate(m, evaluate=evaluate, step=step, nfe=self.nfe, n_steps=plan.n_steps, hooks=hooks)
+        finally:
+            if bar is not None:
+                bar.close()
+        x1 = plan.hop(m, F, backend, views) if self.hop else split_phase(m)[0]  # a_F F + a_x x + a_v v at T
+        if x1.dtype != m0.dtype:
+            x1 = x1.to(m0.dtype)
+        check_finite(x1, finite, self.nfe - 1, plan.T_hop, "x1")
+        return x1, finite
+
+    def _hooks(
+        self, m: torch.Tensor, finite: list[tuple], backend: str, noise, views, *, seed: int,
+        guide: StrokeGuide | None, callback: Callable[[dict], None] | None, trajectory: list[dict] | None,
+        progress: bool,
+    ) -> tuple[Hooks, object | None]:
+        """The run's hooks and its progress bar (None without progress). Before each evaluation:
+        SSCS's first half step, the guide's velocity redraw; after it: the bar, the callback, the
+        trajectory snapshot, inpainting's x1 estimate; after each step: the state's finiteness
+        check (added by `_run`). The guide's init-v acts on m here, once."""
+        plan = self._plan
+        hooks = Hooks()
+        if self.solver == "sscs":
+            hooks.before_eval.append(sscs_first_half(plan, backend, noise, views))
+        guidance = Guidance(guide, m, plan, backend, seed) if guide is not None else None
+        bar = tqdm(total=self.nfe, desc="PhaseSampler", unit="eval") if progress else None
+        if bar is not None:
+            hooks.after_eval.append(lambda i, m, F: bar.update())
+        if callback is not None:
+            hooks.after_eval.append(report_to(callback, plan))
+        if trajectory is not None:
+            hooks.after_eval.append(record_trajectory(trajectory, plan, backend))
+        if guidance is not None:
+            guidance.add_to(hooks)
+        return hooks, bar
+
+    def _device_grid(self, dtype: torch.dtype, device: torch.device, batch: int) -> list[torch.Tensor]:
+        """The evaluation times (the grid; SSCS: its steps' midpoints), one [batch] tensor (a view)
+        per evaluation on `device` in `dtype`, made once per (dtype, device, batch): no host-to-device
+        copy per call (none may happen inside a CUDA-graph capture) and no op per step."""
+        key = (dtype, device, batch)
         if key not in self._grid_cache:
-            self._grid_cache[key] = self.grid.to(device=device, dtype=dtype)
+            if len(self._grid_cache) >= 16:
+                self._grid_cache.clear()
+            times = torch.tensor(self._plan.t_eval, dtype=torch.float64).to(device=device, dtype=dtype)
+            self._grid_cache[key] = [t.expand(batch) for t in times]
         return self._grid_cache[key]
 
     def _sample_graphed(self, model, m0: torch.Tensor, cond) -> torch.Tensor:
@@ -307,12 +308,11 @@ class PhaseSampler:
             side = torch.cuda.Stream(device=m0.device)
             side.wait_stream(torch.cuda.current_stream(m0.device))
             with torch.cuda.stream(side):  # warm-up outside the capture (allocator, autotuning)
-                self._integrate(model, static_in, cond, 0, None, False, None, False, graphed=True)
+                self._run(model, static_in, cond, seed=0, graphed=True)
             torch.cuda.current_stream(m0.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out, _, finite = self._integrate(model, static_in, cond, 0, None, False, None, False,
-                                                 graphed=True)
+                out, finite = self._run(model, static_in, cond, seed=0, graphed=True)
             self._graphs[key] = (graph, static_in, out, finite)
         graph, static_in, out, finite = self._graphs[key]
         static_in.copy_(m0)
@@ -333,54 +333,29 @@ class PhaseSampler:
             raise TypeError(f"m0 dtype must be float64, float32, bfloat16 or float16, got {m0.dtype}")
         return m0.to(state_dtype, copy=True).contiguous()
 
-    def _evaluate(self, model, m, t_vec, cond, x_shape, dtype, i, t) -> torch.Tensor:
-        m_in = m if m.dtype == dtype else m.to(dtype)
-        F = model(m_in, t_vec) if cond is None else model(m_in, t_vec, cond)
-        if not isinstance(F, torch.Tensor) or F.shape != x_shape:
-            got = tuple(F.shape) if isinstance(F, torch.Tensor) else type(F).__name__
-            raise ValueError(
-                f"model output at step {i} (t={t:.6g}) must have shape {tuple(x_shape)}, got {got}"
-            )
-        if F.device.type == "cpu" and not bool(torch.isfinite(F).all()):
-            raise ValueError(f"model output at step {i} (t={t:.6g}) contains NaN or Inf")
-        return F.to(torch.float32)
 
-    def _advance(self, m, F, history, i, seed, noise) -> None:
-        """One step from grid time i (SPEC §3), in place on m."""
-        _, t, h = self._steps[i]
-        co = self.coefficients
-        if self.solver == "ode":
-            history.insert(0, F)
-            del history[self.order + 1:]
-            q = min(i, self.order)
-            phase_step(m, history[: q + 1], h, co.Cx[i, : q + 1].tolist(), co.Cv[i, : q + 1].tolist(),
-                       backend=self.backend)
-        elif self.solver == "sde":
-            sde_step("exact", m, F, self.bridge, t, h, cx=float(co.Cx[i, 0]), cv=float(co.Cv[i, 0]),
-                     **noise(m, seed, i), backend=self.backend)
-        elif self.solver == "em":
-            sde_step("em", m, F, self.bridge, t, h, **noise(m, seed, i), backend=self.backend)
-        else:
-            N_mid = float(self.bridge.coefficients(t + 0.5 * h).normalizer)
-            phase_step(m, [F], 0.0, [0.0], [h * N_mid], backend=self.backend)
-            sde_step("sscs_half", m, None, self.bridge, t + 0.5 * h, 0.5 * h, **noise(m, seed, 2 * i + 1),
-                     backend=self.backend)
-
-    def _snapshot(self, m: torch.Tensor, F: torch.Tensor, t: float) -> dict:
-        x, v = split_phase(m)
-        x1_hat = phase_hop(self.bridge, m, F, t, self.backend)
-        return {"t": t, "x": x.clone(), "v": v.clone(), "x1_hat": x1_hat}
+def _check_state(
+    finite: list[tuple], t_eval: Sequence[float], outputs: ModelCall, i: int, m: torch.Tensor
+) -> None:
+    """After step i: the state is finite (it overflows float32 when a model output is too large).
+    A non-finite state on the CPU is laid on the step's model output F_i first when F_i holds
+    NaN or Inf (its own check may have been left to here, `ModelCall`)."""
+    try:
+        check_finite(m, finite, i, t_eval[i], "state")
+    except ValueError:
+        check_finite(outputs.last, finite, i, t_eval[i], "model")
+        raise
 
 
-def _raise_first_nonfinite(finite: list[tuple[int, float, torch.Tensor]]) -> None:
-    """On accelerators the per-step finiteness flags stay on the device (no per-step host sync);
-    one sync after the loop reports the first step whose model output held NaN or Inf."""
-    if not finite:
-        return
-    ok = torch.stack([flag for _, _, flag in finite]).cpu()
-    if not bool(ok.all()):
-        i, t, _ = finite[int((~ok).nonzero()[0])]
-        raise ValueError(f"model output at step {i} (t={t:.6g}) contains NaN or Inf")
+def _count(name: str, value: object, lo: int, hi: int) -> int:
+    """value as an int in [lo, hi]: a Python/NumPy int or an integer one-element tensor (not bool)."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or not lo <= number <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+    return number
 
 
 def _resolve_seed(seed: int | None) -> int:
@@ -389,19 +364,3 @@ def _resolve_seed(seed: int | None) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
     return seed
-
-
-def _seeded_noise(m: torch.Tensor, seed: int, k: int) -> dict:
-    """Noise of draw k: the kernels' own generator keyed by a per-draw seed."""
-    return {"seed": _step_seed(seed, k)}
-
-
-def _graph_noise(m: torch.Tensor, seed: int, k: int) -> dict:
-    """Noise of draw k under CUDA-graph capture: tensors from torch's graph-safe CUDA generator."""
-    x, v = split_phase(m)
-    return {"xi": (torch.randn(x.shape, device=m.device), torch.randn(v.shape, device=m.device))}
-
-
-def _step_seed(seed: int, i: int) -> int:
-    """A distinct 31-bit seed per (sampling seed, noise draw index)."""
-    return zlib.crc32(f"{seed}:{i}".encode()) & 0x7FFFFFFF

@@ -1,22 +1,25 @@
 """Per-NFE tuning of the probability-flow sampler: hop time T, grid order q, solver order.
 
-A setting (T, q, order) means: the power grid t_i = (t0^(1/q) + i/(n-1) (T^(1/q) - t0^(1/q)))^q
-with n = NFE points (q = 2 is the published "rev-quad", q = 1 uniform), the exponential
-multistep update of `order` (0..3) between them, and the hop (SPEC §3) at T. A setting
-(T, q, order, fractions) replaces the uniform i/(n-1) by free fractions 0 = r_0 < ... < r_{n-1} = 1
-(`tuned_defaults.grid_from_setting`); `optimize_grid` searches them.
+A setting (`psb_fast.settings.Setting(T, q, order)`) means: the power grid
+t_i = (t0^(1/q) + i/(n-1) (T^(1/q) - t0^(1/q)))^q with n = NFE points (q = 2 is the published
+"rev-quad", q = 1 uniform), the exponential multistep update of `order` (0..3) between them, and
+the hop (docs/math.md §8.1) at T. A setting with `fractions` replaces the uniform i/(n-1) by free
+fractions 0 = r_0 < ... < r_{n-1} = 1 (`psb_fast.grids.power_grid`); `optimize_grid` searches them.
+The functions here take Settings, or tuples (T, q, order[, fractions]) (`Setting.coerce`).
 
 `tune` picks, per NFE, the setting with the smallest pathwise RMSE of the sampler's output
 against a high-accuracy solution from the same prior draws (for a user's own model: the
 order-3 sampler at `reference_nfe` on the q = 2 grid to T = 0.999, with the hop). The search
 is coarse-to-fine: the full product Ts x qs x orders on a sub-batch, then the best few and a
-finer T/q neighbourhood of each on the whole batch. benchmarks/tuning_study.py runs the same
-machinery on exact-drift Gaussian mixtures to produce the package defaults (tuned_defaults).
+finer T/q neighbourhood of each on the whole batch. The studies (studies/tuning_study.py, ...)
+run the same machinery on exact-drift Gaussian mixtures and trained models to produce the package
+defaults (psb_fast/defaults.json).
 
-Every setting of one NFE runs in the same loop: the prior batch is repeated once per setting
-and each row gets its own time (`model(m, t)` with a per-row t, as in training), so a sweep
-costs NFE model calls per chunk of `max_rows` rows. The state is kept in float64 (the model
-is called in m0's dtype); the update is exactly the reference `sample_ode`'s.
+Every setting of one NFE runs in PhaseSampler's loop (`psb_fast.loop.integrate`), batched: the
+prior batch is repeated once per setting and each row gets its own time (`model(m, t)` with a
+per-row t, as in training) and its own multistep coefficients and hop weights, so a sweep costs
+NFE model calls per chunk of `max_rows` rows. The state is kept in float64 (the model is called
+in m0's dtype); the outputs equal the reference `sample_ode`'s to float64 rounding.
 """
 
 from __future__ import annotations
@@ -30,15 +33,13 @@ from functools import lru_cache
 import torch
 from tqdm.auto import tqdm
 
-from .bridge import PhaseBridge, split_phase
+from .bridge import PhaseBridge, probode_hop_weights
+from .loop import Hooks, ModelCall, Multistep, hop_rows, integrate, multistep_rows
 from .multistep import multistep_coefficients
-from .tuned_defaults import grid_from_setting
+from .settings import T_END, VARIANTS, Setting, published_setting
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: (T, q, order) on the power-q grid, or (T, q, order, fractions) on a free grid (tuned_defaults).
-Setting = tuple[float, float, int] | tuple[float, float, int, tuple[float, ...]]
 
-T_REF = 0.999
 T_MIN, T_MAX = 0.3, 0.995
 #: Coarse hop times: tau = 1 - T log-spaced from 0.7 to 0.005 (ratio ~0.77 per step).
 DEFAULT_TS: tuple[float, ...] = tuple(
@@ -53,10 +54,16 @@ FORMAT = "psb_fast.tuned/1"
 
 
 @lru_cache(maxsize=8192)
-def _coefficients(bridge_key: tuple, nfe: int, t0: float, T: float, q: float, order: int, fractions):
-    grid = grid_from_setting(nfe, t0, T, q, fractions)
-    co = multistep_coefficients(PhaseBridge(*bridge_key), grid, order)
+def _coefficients(bridge_key: tuple, nfe: int, t0: float, setting: Setting):
+    grid = setting.grid(nfe, t0)
+    co = multistep_coefficients(_bridge(bridge_key), grid, setting.order)
     return grid, co
+
+
+@lru_cache(maxsize=16)
+def _bridge(bridge_key: tuple) -> PhaseBridge:
+    """The bridge of a key, made once (making one collapses its closed forms: milliseconds)."""
+    return PhaseBridge(*bridge_key)
 
 
 def _setting_tables(bridge: PhaseBridge, nfe: int, settings: Sequence[Setting], t0: float):
@@ -66,35 +73,14 @@ def _setting_tables(bridge: PhaseBridge, nfe: int, settings: Sequence[Setting], 
     h = torch.zeros(C, S, dtype=torch.float64)
     Cx = torch.zeros(C, S, 4, dtype=torch.float64)
     Cv = torch.zeros(C, S, 4, dtype=torch.float64)
-    for c, (T, q, order, *fractions) in enumerate(settings):
-        fr = fractions[0] if fractions else None
-        grid, co = _coefficients(bridge.key(), nfe, float(t0), float(T), float(q), int(order), fr)
+    for c, setting in enumerate(settings):
+        grid, co = _coefficients(bridge.key(), nfe, float(t0), setting)
         times[c] = grid
         if S:
             h[c] = co.h
-            Cx[c, :, : order + 1] = co.Cx
-            Cv[c, :, : order + 1] = co.Cv
+            Cx[c, :, : setting.order + 1] = co.Cx
+            Cv[c, :, : setting.order + 1] = co.Cv
     return times, h, Cx, Cv, times[:, -1].clone()
-
-
-def _check_setting(setting, t0: float, nfe: int | None = None) -> Setting:
-    try:
-        T, q, order, *rest = setting
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"a setting must be (T, q, order[, fractions]), got {setting!r}") from err
-    if len(rest) > 1:
-        raise ValueError(f"a setting must be (T, q, order[, fractions]), got {setting!r}")
-    if isinstance(T, bool) or not isinstance(T, (int, float)) or not (math.isfinite(T) and t0 < T < 1):
-        raise ValueError(f"T must be in (t0, 1) = ({t0}, 1), got {T!r}")
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not (math.isfinite(q) and q > 0):
-        raise ValueError(f"q must be finite and > 0, got {q!r}")
-    if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= 3:
-        raise ValueError(f"order must be an int in 0..3, got {order!r}")
-    if not rest or rest[0] is None:
-        return float(T), float(q), int(order)
-    n = len(rest[0]) if nfe is None else nfe
-    grid_from_setting(n, t0, float(T), float(q), rest[0])  # validates the fractions
-    return float(T), float(q), int(order), tuple(float(f) for f in rest[0])
 
 
 def run_settings(
@@ -105,62 +91,66 @@ def run_settings(
     settings: Sequence[Setting],
     t0: float = 1e-5,
     max_rows: int | None = None,
+    on_done: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Hop outputs x1_hat of the probODE sampler for every setting, float64 [C, B, C_x, ...].
 
-    Equal (to rounding) to `reference.sampler.sample_ode(model, m0, bridge,
-    grid_from_setting(nfe, t0, T, q, fractions), order, hop=True)` per setting
-    (T, q, order[, fractions]).
+    Equal (to rounding) to `reference.sampler.sample_ode(model, m0, bridge, setting.grid(nfe, t0),
+    setting.order, hop=True)` per setting (a Setting or (T, q, order[, fractions]); all are checked
+    before the first model call).
     max_rows: rows per model call (settings are batched whole; None -> len(m0), i.e. one
     setting per call). Raising it batches settings (the model must accept a per-row t).
+    on_done: called with the number of settings just finished after each model-call batch
+    (progress reporting).
     """
     if bridge.mode != "probODE":
         raise ValueError(f"tuning needs a probODE bridge, got mode={bridge.mode!r}")
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
-    settings = [_check_setting(s, t0, nfe) for s in settings]
+    settings = [Setting.coerce(s) for s in settings]
+    for setting in settings:
+        setting.check(nfe, t0)
     if not settings:
         raise ValueError("settings must not be empty")
     B = m0.shape[0]
     per_chunk = max(1, (max_rows or B) // B)
     outs = []
     for start in range(0, len(settings), per_chunk):
-        outs.append(_run_chunk(model, bridge, m0, nfe, settings[start : start + per_chunk], t0))
+        chunk = settings[start : start + per_chunk]
+        outs.append(_run_chunk(model, bridge, m0, nfe, chunk, t0))
+        if on_done is not None:
+            on_done(len(chunk))
     return torch.cat(outs, dim=0)
 
 
 def _run_chunk(model, bridge, m0, nfe, settings, t0) -> torch.Tensor:
+    """The hop outputs of `settings` from the prior batch m0, [C, B, C_x, ...] float64.
+
+    The sampler's loop (`psb_fast.loop.integrate`, as in PhaseSampler) on one float64 state that
+    stacks the settings (row c B + b: setting c, prior draw b): each row has its own evaluation
+    times and multistep coefficients (`loop.multistep_rows`), and the model is called once per
+    evaluation on all rows (in m0's dtype, with a per-row t).
+    """
     times, h, Cx, Cv, T = _setting_tables(bridge, nfe, settings, t0)
     C, B = len(settings), m0.shape[0]
-    device, dtype = m0.device, m0.dtype
-    shape = (C * B,) + (1,) * (m0.dim() - 1)
+    rows, unit = C * B, (1,) * (m0.dim() - 1)
+    order = max(setting.order for setting in settings)
 
-    def rows(a: torch.Tensor) -> torch.Tensor:  # [C] -> [C*B, 1, ...] float64 on the device
-        return a.to(device).repeat_interleave(B).reshape(shape)
+    def per_row(a: torch.Tensor) -> torch.Tensor:  # [C, ...] -> [..., C B, 1, ...] on m0's device
+        a = a.to(m0.device).repeat_interleave(B, dim=0)
+        return a.movedim(0, -1).reshape(*a.shape[1:], rows, *unit).contiguous()
 
-    x0, v0 = split_phase(m0.detach().to(torch.float64))
-    x, v = x0.repeat((C,) + (1,) * (m0.dim() - 1)), v0.repeat((C,) + (1,) * (m0.dim() - 1))
-    history: list[torch.Tensor] = []
-    F = None
-    for i in range(nfe):
-        t_rows = times[:, i].to(device).repeat_interleave(B)
-        F = model(torch.cat([x, v], dim=1).to(dtype), t_rows.to(dtype))
-        if not isinstance(F, torch.Tensor) or F.shape != x.shape:
-            got = tuple(F.shape) if isinstance(F, torch.Tensor) else type(F).__name__
-            raise ValueError(f"model output must have shape {tuple(x.shape)}, got {got}")
-        F = F.to(torch.float64)
-        history = [F] + history[:3]
-        if i == nfe - 1:
-            break
-        # SPEC §3: x += h v + sum_j Cx_{i,j} F_{i-j};  v += sum_j Cv_{i,j} F_{i-j}.
-        x_new = x + rows(h[:, i]) * v
-        v_new = v.clone()
-        for j, Fj in enumerate(history):
-            x_new = x_new + rows(Cx[:, i, j]) * Fj
-            v_new = v_new + rows(Cv[:, i, j]) * Fj
-        x, v = x_new, v_new
-    x1 = bridge.estimate_x1(torch.cat([x, v], dim=1), F, T.to(device).repeat_interleave(B))
-    return x1.reshape((C,) + tuple(x0.shape))
+    h_rows, Cx_rows, Cv_rows = per_row(h), per_row(Cx[..., : order + 1]), per_row(Cv[..., : order + 1])
+    steps = [(None, h_rows[i], Cx_rows[i, : min(i, order) + 1], Cv_rows[i, : min(i, order) + 1])
+             for i in range(nfe - 1)]
+    m = m0.detach().to(torch.float64).repeat((C,) + unit)  # m_0 of every row
+    t_rows = per_row(times).reshape(nfe, rows).to(m0.dtype)  # t_i of every row
+    co = bridge.coefficients(T)  # the hop's weights at each setting's T, folded in float64
+    weights = [per_row(w) for w in probode_hop_weights(co.normalizer, co.P, co.hop_aa, co.hop_bb, co.hop_den)]
+    F = integrate(m, evaluate=ModelCall(model, None, t_rows.unbind(0), m0.dtype, m),
+                  step=Multistep(steps, order, multistep_rows), nfe=nfe, n_steps=nfe - 1, hooks=Hooks())
+    x1 = hop_rows(m, F, weights)  # x1 = a_F F + a_x x + a_v v at each row's T
+    return x1.reshape(C, B, *x1.shape[1:])
 
 
 def rmse(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -172,9 +162,10 @@ def rmse(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def settings_rmse(
     model: Model, bridge: PhaseBridge, m0: torch.Tensor, target: torch.Tensor, nfe: int,
     settings: Sequence[Setting], t0: float = 1e-5, max_rows: int | None = None,
+    on_done: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """RMSE of every setting's output against `target` (x1 from the same m0), [C] float64."""
-    return rmse(run_settings(model, bridge, m0, nfe, settings, t0, max_rows), target)
+    return rmse(run_settings(model, bridge, m0, nfe, settings, t0, max_rows, on_done), target)
 
 
 def reference_solution(
@@ -182,7 +173,7 @@ def reference_solution(
     max_rows: int | None = None,
 ) -> torch.Tensor:
     """The high-NFE target: order 3, q = 2 grid to T = 0.999, with the hop. float64 [B, ...]."""
-    return run_settings(model, bridge, m0, nfe, [(T_REF, 2.0, 3)], t0, max_rows)[0]
+    return run_settings(model, bridge, m0, nfe, [Setting(T_END, 2.0, 3)], t0, max_rows)[0]
 
 
 # ----------------------------------------------------------------------------- the search
@@ -194,10 +185,12 @@ def refine_candidates(
 ) -> list[Setting]:
     """Finer settings around each of `best`, same order: T between its neighbours in Ts
     (uniform in log(1 - T), t_steps per coarse interval); q + j q_step for the q_points
-    values of j centred on 0 (default q, q +- 0.125, q +- 0.25)."""
+    values of j centred on 0 (default q, q +- 0.125, q +- 0.25). Power-q grids only (fractions of
+    `best` are not carried over)."""
     Ts = sorted({float(T) for T in Ts})
     out: set[Setting] = set()
-    for T, q, order in best:
+    for setting in map(Setting.coerce, best):
+        T, q, order = setting.T, setting.q, setting.order
         k = min(range(len(Ts)), key=lambda i: abs(Ts[i] - T))
         lo = min(Ts[max(k - 1, 0)], T)
         hi = max(Ts[min(k + 1, len(Ts) - 1)], T)
@@ -210,7 +203,7 @@ def refine_candidates(
         for T_c in T_cands:
             for q_c in q_cands:
                 if t0 < T_c < 1 and q_c > 0:
-                    out.add((float(T_c), float(q_c), int(order)))
+                    out.add(Setting(T_c, q_c, order))
     return sorted(out)
 
 
@@ -250,17 +243,18 @@ def optimize_grid(
     the best if it lowers the objective, else halves the step; stops below min_step or after
     max_iter iterations. The objective must be deterministic (fixed prior draws).
 
-    Returns (best setting as (T, q, order, fractions), its objective value, iterations run).
+    Returns (the best setting, with fractions, its objective value, iterations run).
     """
     if nfe < 3:
         raise ValueError(f"a free grid needs nfe >= 3 (an interior node), got {nfe}")
-    T, q, order, *rest = start
-    theta = [-math.log1p(-T)] + log_gaps(nfe, rest[0] if rest else None)
+    start = Setting.coerce(start)
+    theta = [-math.log1p(-start.T)] + log_gaps(nfe, start.fractions)
     u_max = -math.log1p(-T_max)
 
     def setting(th: list[float]) -> Setting:
         T_th = round(-math.expm1(-min(max(th[0], 1e-3), u_max)), 5)
-        return (T_th, float(q), int(order), fractions_from_log_gaps([min(max(g, -5.0), 5.0) for g in th[1:]]))
+        fractions = fractions_from_log_gaps([min(max(g, -5.0), 5.0) for g in th[1:]])
+        return start.replace(T=T_th, fractions=fractions)
 
     best = float(objective([setting(theta)])[0])
     it = 0
@@ -275,13 +269,6 @@ def optimize_grid(
         else:
             step /= 2
     return setting(theta), best, it
-
-
-def published_setting(nfe: int) -> Setting:
-    """The published sampler at this NFE: (published_T(nfe), q = 2, order 2)."""
-    from .sampler import published_T  # lazy: the sampler reads the tuned defaults
-
-    return (float(published_T(nfe)), 2.0, 2)
 
 
 def tune(
@@ -330,27 +317,33 @@ def tune(
     Ts = tuple(DEFAULT_TS if Ts is None else Ts)
     qs = tuple(DEFAULT_QS if qs is None else qs)
     orders = tuple(DEFAULT_ORDERS if orders is None else orders)
-    coarse = sorted({_check_setting((T, q, o), t0) for T in Ts for q in qs for o in orders})
+    coarse = sorted({Setting(T, q, o) for T in Ts for q in qs for o in orders})
     if not coarse:
         raise ValueError("the search space (Ts x qs x orders) is empty")
     if target is None:
         target = reference_solution(model, bridge, m0, reference_nfe, t0, max_rows)
     n_coarse = len(m0) if coarse_rows is None else max(1, min(int(coarse_rows), len(m0)))
     result: dict[int, dict] = {}
-    for nfe in tqdm(nfes, disable=not progress, desc="tune"):
+    # one bar over every candidate run (coarse stages counted up front, refinements when known)
+    bar = tqdm(total=sum(len(coarse) + (published_setting(n) not in coarse) for n in nfes), unit="candidate",
+               disable=not progress, desc="tune")
+    for nfe in nfes:
+        bar.set_postfix_str(f"NFE {nfe}")
         pub = published_setting(nfe)
         cands = [pub] + [s for s in coarse if s != pub]
-        errs = settings_rmse(model, bridge, m0[:n_coarse], target[:n_coarse], nfe, cands, t0, max_rows)
+        errs = settings_rmse(model, bridge, m0[:n_coarse], target[:n_coarse], nfe, cands, t0, max_rows,
+                             bar.update)
         if refine:
             best = [cands[i] for i in errs.argsort()[:top_k].tolist()]
             final = [pub] + [s for s in sorted(set(best) | set(refine_candidates(best, Ts, t0))) if s != pub]
         else:
             final = cands
         if refine or n_coarse < len(m0):
-            errs = settings_rmse(model, bridge, m0, target, nfe, final, t0, max_rows)
+            bar.total += len(final)
+            bar.refresh()
+            errs = settings_rmse(model, bridge, m0, target, nfe, final, t0, max_rows, bar.update)
         i = int(errs.argmin())
         best, err, err_pub = final[i], float(errs[i]), float(errs[0])
-        entry: dict = {}
         if free_grid and nfe >= 3:
             def log_rmse(settings, nfe=nfe):
                 return settings_rmse(model, bridge, m0, target, nfe, settings, t0, max_rows).log()
@@ -358,13 +351,23 @@ def tune(
             grid_best, log_err, _ = optimize_grid(log_rmse, nfe, best)
             if math.exp(log_err) < err:
                 best, err = grid_best, math.exp(log_err)
-                entry["fractions"] = list(grid_best[3])
-        T, q, order = best[:3]
         result[nfe] = {
-            "T": T, "q": q, "order": order, **entry, "rmse": err, "published": list(pub),
+            **_entry(best), "rmse": err, "published": list(pub.as_tuple()),
             "published_rmse": err_pub, "ratio": err / err_pub if err_pub > 0 else 1.0,
         }
+    bar.close()
     return result
+
+
+def _entry(setting: Setting) -> dict:
+    """A setting as a tuned-file entry: "T", "q", "order", and "fractions" for a free grid (the
+    file format of psb_fast.tuned/1; a non-default variant is written too)."""
+    entry = setting.to_json()
+    if entry["fractions"] is None:
+        del entry["fractions"]
+    if entry["variant"] == VARIANTS[0]:
+        del entry["variant"]
+    return entry
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -384,8 +387,8 @@ def load_tuned(path: str | os.PathLike) -> dict[int, dict]:
 
     Raises ValueError naming the problem if the file is not valid JSON or a setting is malformed
     (NFE not an int >= 1, T not in (0, 1), q not finite > 0, order not an int in 0..3, fractions
-    not nfe numbers rising strictly from 0 to 1). `PhaseSampler.from_tuned` maps an entry to a
-    grid with `tuned_defaults.grid_from_setting(nfe, t0, T, q, fractions)`.
+    not nfe numbers rising strictly from 0 to 1, variant unknown): `Setting.from_json` checks each
+    entry. `PhaseSampler.from_tuned` maps an entry to a grid with `Setting.from_json(entry).grid(nfe, t0)`.
     """
     try:
         with open(path, encoding="utf-8") as fh:
@@ -416,27 +419,13 @@ def _validate(result, where: str) -> dict[int, dict]:
             raise ValueError(f"{where}: NFE must be an int >= 1, got {nfe!r}")
         if not isinstance(entry, dict) or not {"T", "q", "order"} <= set(entry):
             raise ValueError(f"{where}: NFE {nfe}: each setting needs keys 'T', 'q', 'order', got {entry!r}")
-        T, q, order = entry["T"], entry["q"], entry["order"]
-        if isinstance(T, bool) or not isinstance(T, (int, float)) or not (math.isfinite(T) and 0 < T < 1):
-            raise ValueError(f"{where}: NFE {nfe}: T must be a number in (0, 1), got {T!r}")
-        if isinstance(q, bool) or not isinstance(q, (int, float)) or not (math.isfinite(q) and q > 0):
-            raise ValueError(f"{where}: NFE {nfe}: q must be a finite number > 0, got {q!r}")
-        if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= 3:
-            raise ValueError(f"{where}: NFE {nfe}: order must be an int in 0..3, got {order!r}")
+        try:
+            setting = Setting.from_json(entry)
+            setting.check(nfe, 0.0)
+        except ValueError as err:
+            raise ValueError(f"{where}: NFE {nfe}: {err}") from None
         clean = {k: v for k, v in entry.items() if k not in ("T", "q", "order", "fractions")}
-        fractions = entry.get("fractions")
-        if fractions is not None:
-            numbers = isinstance(fractions, (list, tuple)) and all(
-                isinstance(f, (int, float)) and not isinstance(f, bool) for f in fractions
-            )
-            if not numbers:
-                raise ValueError(
-                    f"{where}: NFE {nfe}: fractions must be a list of numbers, got {fractions!r}"
-                )
-            try:
-                grid_from_setting(nfe, 0.0, float(T), float(q), fractions)
-            except ValueError as err:
-                raise ValueError(f"{where}: NFE {nfe}: {err}") from None
-            clean["fractions"] = [float(f) for f in fractions]
-        out[nfe] = {"T": float(T), "q": float(q), "order": int(order), **clean}
+        if setting.fractions is not None:
+            clean["fractions"] = list(setting.fractions)
+        out[nfe] = {"T": setting.T, "q": setting.q, "order": setting.order, **clean}
     return out

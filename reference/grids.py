@@ -1,4 +1,4 @@
-"""Sampling time grids (SPEC §3): plain functions of (n, t0, T) returning float64 [n] tensors."""
+"""Sampling time grids (docs/math.md §10.1): plain functions of (n, t0, T) returning float64 [n] tensors."""
 
 from __future__ import annotations
 

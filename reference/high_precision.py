@@ -1,4 +1,4 @@
-"""High-precision oracle for Sigma(t), independent of the SPEC closed forms.
+"""High-precision oracle for Sigma(t), independent of the closed forms (docs/math.md §2.3, §2.4).
 
 The Lyapunov ODE dSigma/dt = A Sigma + Sigma A^T + diag(0, g^2) is rewritten in log-time
 s = -log(tau) with X = Sxx/tau^2, Y = Sxv/tau, Z = Svv, where it becomes linear with

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference samplers (SPEC §3): slow, float64, obviously right. The oracle.
+"""Plain-PyTorch reference samplers (docs/math.md §10.3): slow, float64, obviously right. The oracle.
 
 Each sampler is a flat loop over a time grid: `model(m, t) -> F` with m = [x | v]
 ([B, 2C, ...], in m0's dtype) and t a [B] tensor; the state is kept in float64.
@@ -13,10 +13,11 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from psb_fast.bridge import PhaseBridge, split_phase
-from psb_fast.multistep import multistep_coefficients
+from psb_fast.bridge import PhaseBridge
 
 from . import steps
+from .bridge import hop_reference
+from .multistep import ode_coefficients
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 T_END = 0.999
@@ -32,9 +33,15 @@ def _evaluate(model: Model, x: torch.Tensor, v: torch.Tensor, t: float, dtype: t
     return F.double()
 
 
+def _split(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, v) of m = [x | v] along dim 1, as float64."""
+    c = m.shape[1] // 2
+    return m[:, :c].double(), m[:, c:].double()
+
+
 def _finish(bridge: PhaseBridge, x, v, F, T: float, hop: bool, dtype: torch.dtype) -> torch.Tensor:
     if hop:
-        return bridge.estimate_x1(torch.cat([x, v], dim=1), F, T).to(dtype)
+        return hop_reference(bridge, x, v, F, T).to(dtype)
     return x.to(dtype)
 
 
@@ -45,8 +52,8 @@ def sample_ode(
     """Exponential multistep probability-flow ODE sampler of order `order` (0..3), NFE = len(grid)."""
     if bridge.mode != "probODE":
         raise ValueError(f"sample_ode needs a probODE bridge, got mode={bridge.mode!r}")
-    co = multistep_coefficients(bridge, grid, order, None if hop else t_end)
-    x, v = (a.double() for a in split_phase(m0))
+    co = ode_coefficients(bridge, grid, order, None if hop else t_end)
+    x, v = _split(m0)
     history: list[torch.Tensor] = []
     n = len(grid)
     for i in tqdm(range(n), disable=not progress, desc="sample_ode"):
@@ -58,7 +65,7 @@ def sample_ode(
         if hop and i == n - 1:
             break
         q = min(i, order)
-        # SPEC §3: x += h v + sum_j Cx_{i,j} F_{i-j};  v += sum_j Cv_{i,j} F_{i-j}.
+        # docs/math.md §7.1: x += h v + sum_j Cx_{i,j} F_{i-j};  v += sum_j Cv_{i,j} F_{i-j}.
         x, v = steps.ode_step(x, v, float(co.h[i]), co.Cx[i, : q + 1].tolist(),
                               co.Cv[i, : q + 1].tolist(), history[: q + 1])
     return _finish(bridge, x, v, F, float(grid[-1]), hop, m0.dtype)
@@ -83,8 +90,8 @@ def sample_sde_exact(
 ) -> torch.Tensor:
     """Exact-noise exponential SDE step: m <- Phi(h) m + (Cx, Cv) F + chol(Q(t, h)) xi."""
     _check_sde(bridge)
-    co = multistep_coefficients(bridge, grid, 0, None if hop else t_end)
-    x, v = (a.double() for a in split_phase(m0))
+    co = ode_coefficients(bridge, grid, 0, None if hop else t_end)
+    x, v = _split(m0)
     for i, (t, _) in enumerate(tqdm(_sde_times(grid, hop, t_end), disable=not progress)):
         F = _evaluate(model, x, v, t, m0.dtype)
         xi_x, xi_v = _noise(x, generator)
@@ -100,7 +107,7 @@ def sample_em(
 ) -> torch.Tensor:
     """Euler-Maruyama: x += h v; v += h N(t) F + g(t) sqrt(h) xi."""
     _check_sde(bridge)
-    x, v = (a.double() for a in split_phase(m0))
+    x, v = _split(m0)
     for t, t_next in tqdm(_sde_times(grid, hop, t_end), disable=not progress):
         F = _evaluate(model, x, v, t, m0.dtype)
         N = float(bridge.coefficients(t).normalizer)
@@ -115,7 +122,7 @@ def sample_sscs(
 ) -> torch.Tensor:
     """Compat symmetric splitting: half step (s = h/2), v += h N F at the midpoint, half step."""
     _check_sde(bridge)
-    x, v = (a.double() for a in split_phase(m0))
+    x, v = _split(m0)
     for t, t_next in tqdm(_sde_times(grid, hop, t_end), disable=not progress):
         h = t_next - t
         s = 0.5 * h

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of one sampler step of each kind (SPEC §3): the oracle.
+"""Plain-PyTorch reference of one sampler step of each kind (docs/math.md §7, §9): the oracle.
 
 State is kept as separate x, v tensors ([B, C, ...]); all math in float64.
 """

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from psb_fast.benchmarks import bench_throughput, suite, telemetry
+from psb_fast.benchmarks import bench_sampler, bench_throughput, suite, telemetry
 from psb_fast.benchmarks._timing import sweep_shape
 
 torch.set_num_threads(1)
@@ -190,3 +190,15 @@ def test_sweep_shape() -> None:
     assert sweep_shape(10**6) == (1000, 1000)
     with pytest.raises(ValueError, match="numel"):
         sweep_shape(1500)
+
+
+def test_bench_sampler_overhead_table_at_tiny_sizes(monkeypatch) -> None:
+    """bench_sampler's overhead table: the lean loop and PhaseSampler agree (the table asserts it)
+    and each row has its columns (no peer library here)."""
+    monkeypatch.setattr(bench_sampler, "LEAN_SHAPES", ((8, 2), (4, 6, 2, 2)))
+    monkeypatch.setattr(bench_sampler, "peer_loop", lambda nfe: None)
+    rows = bench_sampler.overhead_table(nfe=4, reps=1)
+    assert [row["shape"] for row in rows] == [[8, 2], [4, 6, 2, 2]]
+    for row in rows:
+        assert row["lean_ms"] > 0 and row["phase_sampler_ms"] > 0 and row["peer_ms"] is None
+        assert row["ratio"] == pytest.approx(row["phase_sampler_ms"] / row["lean_ms"])

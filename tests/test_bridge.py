@@ -1,4 +1,5 @@
-"""PhaseBridge (SPEC §1-3): coefficients vs 50-digit and ODE oracles, identities, moments, hop."""
+"""PhaseBridge (docs/math.md §2, §3, §4, §8): coefficients vs 50-digit and ODE oracles, identities,
+moments, hop."""
 
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def test_closed_form_matches_lyapunov_ode(params: dict) -> None:
 
 
 def test_mean_coefficients_identity() -> None:
-    """1 - cx - tau cv = tau^4; (cx, cv) = (0, 0) at t = 0 and (17/48, 7/6) at t = 1/2 (SPEC §1)."""
+    """1 - cx - tau cv = tau^4; (cx, cv) = (0, 0) at t = 0 and (17/48, 7/6) at t = 1/2 (docs/math.md §2.2)."""
     t = torch.linspace(0.0, 0.9999, 1001, dtype=torch.float64)
     co = PhaseBridge().coefficients(t)
     lhs = 1.0 - co.cx - co.tau * co.cv
@@ -284,7 +285,7 @@ def test_python_float_t_is_taken_in_float64(t: float) -> None:
 
 
 def test_extreme_parameters_lvv_at_t0() -> None:
-    """SPEC §1 asks 1e-9 for tau in [1e-7, 1]; here p^2 / det Sigma0 ~ 5e7."""
+    """docs/math.md §3.4 asks 1e-9 for tau in [1e-7, 1]; here p^2 / det Sigma0 ~ 5e7."""
     params = {"p": 20.0, "k": 0.99, "varx": 0.02, "varv": 0.02}
     lvv = PhaseBridge(**params).coefficients(torch.zeros((), dtype=torch.float64)).lvv.item()
     assert _rel_err(lvv, coefficients_mp(mp.mpf(0), **params)["lvv"]) <= 1e-9

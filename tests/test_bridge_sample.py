@@ -1,4 +1,4 @@
-"""bridge_sample (SPEC §2, §5): backends against the float64 reference, in-kernel noise, errors.
+"""bridge_sample (docs/math.md §5.1, §12): backends against the float64 reference, in-kernel noise, errors.
 
 Triton runs under the interpreter on CPU tensors (tests/conftest.py), or natively on CUDA with
 PSB_FAST_NATIVE_GPU=1 (benchmarks/gpu_check.sh). The "cpu" backend always runs on CPU tensors.
@@ -244,8 +244,9 @@ def no_kernels(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a kernel ran before validation failed")
 
-    for name in ("bridge_sample_triton", "_bridge_sample_torch", "bridge_sample_reference"):
-        monkeypatch.setattr(sample_bridge_module, name, boom)
+    monkeypatch.setattr(sample_bridge_module, "kernel_module", boom)  # triton
+    monkeypatch.setattr(sample_bridge_module, "_bridge_sample_torch", boom)  # cpu
+    monkeypatch.setattr(sample_bridge_module.f64, "bridge_sample", boom)  # reference
 
 
 GOOD_X1 = torch.zeros(2, 3, 4)

@@ -1,5 +1,9 @@
 """Checkpoint files: atomic writes, the kept previous file, code-free and corruption-proof loading."""
 
+import errno
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +116,53 @@ def test_failed_write_keeps_last_good(tmp_path, monkeypatch):
 def test_state_must_be_a_dict(tmp_path):
     with pytest.raises(TypeError, match="state must be a dict"):
         save_checkpoint(tmp_path / "c.pt", [1, 2])
+
+
+def test_check_failure_falls_back_and_mismatch_does_not(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, _state(1))
+    save_checkpoint(path, {k: v for k, v in _state(2).items() if k != "rng"})
+
+    def needs_rng(state):
+        if "rng" not in state:
+            raise ValueError("entry 'rng' is missing")
+
+    with pytest.warns(RuntimeWarning, match="checkpoint.pt' cannot be used: entry 'rng' is missing; "
+                      "loaded the previous good checkpoint"):
+        state, used = checkpoint.read_checkpoint(path, check=needs_rng)
+    _assert_same(state, _state(1))
+    assert used == previous_path(path)
+
+    def other_config(state):
+        raise checkpoint.CheckpointMismatch("config key(s) ['seed'] differ")
+
+    with pytest.raises(checkpoint.CheckpointMismatch, match="seed"):
+        load_checkpoint(path, check=other_config)
+    save_checkpoint(path, {k: v for k, v in _state(3).items() if k != "rng"})  # now both lack "rng"
+    with pytest.raises(ValueError, match="the previous checkpoint is unusable too: .*'rng' is missing"):
+        load_checkpoint(path, check=needs_rng)
+
+
+def test_stale_temporaries_of_gone_processes_are_removed(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    gone, alive = proc.pid, os.getppid()
+    names = [f"checkpoint.pt.tmp-{gone}", f"checkpoint.pt.tmp-{os.getpid()}", f"metrics.jsonl.tmp-{gone}",
+             f"checkpoint.pt.tmp-{alive}", "checkpoint.pt.tmp-x1", "checkpoint.pt.prev", "notes.tmp-1"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"partial")
+    removed = checkpoint.remove_stale_temporaries(tmp_path, ["checkpoint.pt", "metrics.jsonl"])
+    assert sorted(p.name for p in removed) == sorted(names[:3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])
+
+
+def test_failed_write_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(OSError, match=rf"\[Errno 28\] .*: '{tmp_path}/checkpoint.pt.tmp-{os.getpid()}'"):
+        save_checkpoint(path, _state(1))
+    assert list(tmp_path.iterdir()) == []

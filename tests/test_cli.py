@@ -96,3 +96,68 @@ def test_demo_trains_samples_and_reports(tmp_path):
         metrics["rows"][0]["rmse_vs_nfe200"])
     with pytest.raises(ValueError, match="steps"):
         run_demo(tmp_path, steps=0)
+
+
+def test_sample_in_shards_resumes_and_accepts_power_grids(run_dir, tmp_path, capsys):
+    out = tmp_path / "big"
+    argv = ["sample", str(run_dir), "--nfe", "3", "-n", "25", "--chunk", "10", "--grid", "power-1.5",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    first = np.load(out / "samples.npz")["x1"]
+    assert first.shape == (25, 2) and sorted(p.name for p in (out / "shards").glob("chunk-*.npz")) == [
+        "chunk-000000.npz", "chunk-000001.npz", "chunk-000002.npz"]
+    (out / "shards" / "chunk-000001.npz").unlink()  # as if stopped before chunk 1 was written
+    assert main(argv) == 0
+    assert np.array_equal(np.load(out / "samples.npz")["x1"], first)
+    # other settings into the same folder are refused, naming what differs
+    assert main([*argv[:-2], "--seed", "3", "--out", str(out)]) == 2
+    assert "seed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["sample", str(run_dir), "--grid", "power-x", "--out", str(tmp_path / "p")])
+    assert stop.value.code == 2 and "power-<q>" in capsys.readouterr().err
+
+
+def _cli_rank(rank: int, port: int, argv: list[str], errors) -> None:
+    import os
+    import traceback
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    try:
+        code = main(argv)
+    except BaseException:
+        errors.write_text(traceback.format_exc())
+        raise
+    os._exit(code)
+
+
+def test_sample_under_two_gloo_ranks_equals_one_process(run_dir, tmp_path):
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["sample", str(run_dir), "--nfe", "3", "-n", "35", "--chunk", "10", "--no-progress", "--out"]
+    ctx = multiprocessing.get_context("fork")
+    ranks = [ctx.Process(target=_cli_rank, args=(r, port, [*argv, str(tmp_path / "two")], tmp_path / f"e{r}"))
+             for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=120)
+    errors = "".join(f.read_text() for f in tmp_path.glob("e*"))
+    assert [p.exitcode for p in ranks] == [0, 0], errors
+    assert main([*argv, str(tmp_path / "one")]) == 0
+    two, one = (np.load(tmp_path / name / "samples.npz")["x1"] for name in ("two", "one"))
+    assert two.shape == (35, 2) and np.array_equal(two, one)
+
+
+def test_tune_without_refinement_runs_only_the_search_grid(run_dir, tmp_path):
+    path = tmp_path / "coarse.json"
+    assert main(["tune", str(run_dir), "--nfe", "3", "-n", "32", "--reference-nfe", "20", "--T-values", "0.5",
+                 "0.7", "--q-values", "2", "--orders", "2", "--no-refine", "--out", str(path)]) == 0
+    from psb_fast.tuning import load_tuned
+
+    (entry,) = load_tuned(path).values()
+    assert entry["T"] in (0.4, 0.5, 0.7) and entry["q"] == 2.0 and entry["order"] == 2  # 0.4: published

@@ -1,4 +1,4 @@
-"""Sampling time grids (reference/grids.py, SPEC §3): rev-quad and uniform."""
+"""Sampling time grids (reference/grids.py, docs/math.md §10.1): rev-quad and uniform."""
 
 from __future__ import annotations
 
@@ -12,20 +12,20 @@ from psb_fast.reference.grids import rev_quad_grid, uniform_grid
 GRIDS = (rev_quad_grid, uniform_grid)
 
 
-def _spec_rev_quad(n: int, t0: float, T: float) -> list[float]:
-    """SPEC §3, q = 2, in plain Python floats: t_i = (sqrt(t0) + i/(n-1) (sqrt(T) - sqrt(t0)))^2."""
+def _documented_rev_quad(n: int, t0: float, T: float) -> list[float]:
+    """docs/math.md §10.1, q = 2, in Python floats: t_i = (sqrt(t0) + i/(n-1) (sqrt(T) - sqrt(t0)))^2."""
     a, b = math.sqrt(t0), math.sqrt(T)
     return [(a + i / (n - 1) * (b - a)) ** 2 for i in range(n)]
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 10, 20, 101])
 @pytest.mark.parametrize(("t0", "T"), [(1e-5, 0.999), (1e-5, 0.7), (0.0, 0.4), (0.1, 0.9)])
-def test_rev_quad_matches_spec_formula(n, t0, T):
+def test_rev_quad_matches_documented_formula(n, t0, T):
     grid = rev_quad_grid(n, t0, T)
     assert grid.dtype == torch.float64 and grid.shape == (n,)
     # Endpoints exactly, interior to rounding.
     assert grid[0].item() == t0 and grid[-1].item() == T
-    want = torch.tensor(_spec_rev_quad(n, t0, T), dtype=torch.float64)
+    want = torch.tensor(_documented_rev_quad(n, t0, T), dtype=torch.float64)
     torch.testing.assert_close(grid, want, rtol=1e-14, atol=1e-16)
     assert bool((grid[1:] > grid[:-1]).all())
 
@@ -33,7 +33,7 @@ def test_rev_quad_matches_spec_formula(n, t0, T):
 def test_rev_quad_default_arguments():
     grid = rev_quad_grid(10)
     assert grid[0].item() == 1e-5 and grid[-1].item() == 0.999
-    torch.testing.assert_close(grid, torch.tensor(_spec_rev_quad(10, 1e-5, 0.999), dtype=torch.float64))
+    torch.testing.assert_close(grid, torch.tensor(_documented_rev_quad(10, 1e-5, 0.999), dtype=torch.float64))
 
 
 def test_rev_quad_steps_grow():

@@ -9,7 +9,7 @@ from psb_fast import PhaseBridge, PhaseSampler, bridge_sample
 from psb_fast.bridge import split_phase
 from psb_fast.guidance import StrokeGuide, redraw_velocity
 from psb_fast.oracles import mixture_2d_grid
-from psb_fast.tuned_defaults import grid_from_setting
+from psb_fast.settings import Setting
 from psb_fast.tuning import save_tuned
 
 torch.set_num_threads(1)
@@ -147,7 +147,7 @@ def test_bad_guide_use(setup):
 
 def test_explicit_grid_and_from_tuned(setup, tmp_path):
     bridge, model, m0 = setup
-    times = grid_from_setting(6, 1e-5, 0.8, 1.5, [0.0, 0.1, 0.3, 0.55, 0.8, 1.0])
+    times = Setting(0.8, 1.5, 3, (0.0, 0.1, 0.3, 0.55, 0.8, 1.0)).grid(6, 1e-5)
     explicit = PhaseSampler(bridge, 6, grid=times, order=3, backend="cpu")
     assert explicit.T == pytest.approx(0.8) and explicit.grid_kind == "explicit"
     path = tmp_path / "tuned.json"

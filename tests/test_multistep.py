@@ -1,6 +1,6 @@
-"""Exponential multistep coefficients (psb_fast.multistep, SPEC §3) vs 30-digit quadrature.
+"""Exponential multistep coefficients (psb_fast.multistep, docs/math.md §7) vs 30-digit quadrature.
 
-The reference integrates the SPEC integrals with mpmath.quad (tanh-sinh, 30 digits), splitting
+The reference integrates the integrals of docs/math.md §7.2 with mpmath.quad (tanh-sinh, 30 digits), splitting
 each step where tau = 1 - s shrinks by a factor of 3. N(s) is the float64
 `PhaseBridge.coefficients(s).normalizer` (prefetched in one vectorized call at mpmath's nodes).
 Since l_{i,j}(s) and (t_{i+1} - s) l_{i,j}(s) are polynomials in y = s - t_i (expanded here
@@ -122,7 +122,7 @@ def _apply(poly: list, moments: tuple):
 
 
 def _reference(bridge_name: str, times: list[float], t_end: float | None, order: int):
-    """(Cx, Cv) as nested lists of mpf, from the SPEC integrals at 30 digits."""
+    """(Cx, Cv) as nested lists of mpf, from the integrals of docs/math.md §7.2 at 30 digits."""
     ends = times[1:] + ([t_end] if t_end is not None else [])
     Cx, Cv = [], []
     with mp.workdps(DPS):

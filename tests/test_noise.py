@@ -10,10 +10,11 @@ import math
 import pytest
 import torch
 
+from psb_fast import stepping
 from psb_fast.bridge import PhaseBridge
 from psb_fast.kernels.noise import phase_noise_update
-from psb_fast.multistep import multistep_coefficients
 from psb_fast.reference import steps as ref
+from psb_fast.reference.multistep import ode_coefficients
 from psb_fast.stepping import sde_step
 
 # Result vs the float64 reference with the same xi, per storage dtype:
@@ -48,7 +49,8 @@ def make_state(x_shape, dtype, seed=0):
 
 
 def order0(t, h):
-    co = multistep_coefficients(BRIDGE, torch.tensor([t, t + h], dtype=torch.float64), order=0)
+    """The oracle's order-0 integrals over [t, t + h] (reference/multistep.py)."""
+    co = ode_coefficients(BRIDGE, torch.tensor([t, t + h], dtype=torch.float64), order=0)
     return co.Cx[0, 0].item(), co.Cv[0, 0].item()
 
 
@@ -114,6 +116,20 @@ def test_near_one_is_finite(backend, kind):
     t = 1.0 - 2e-6
     sde_step(kind, m, None if kind == "sscs_half" else F, BRIDGE, t, 1e-6, seed=2, backend=backend)
     assert torch.isfinite(m).all()
+
+
+@pytest.mark.parametrize(("t", "h"), [(0.0, 0.1), (0.3, 0.05), (0.9, 0.099), (0.99, 0.009), (0.5, 1e-9)])
+def test_step_scalars_match_reference(t, h):
+    """The production noise covariances and their Cholesky factor (psb_fast.stepping) equal the
+    oracle's transcription (reference/steps.py, itself checked against quadrature)."""
+    p = BRIDGE.p
+    for got, want in (
+        (stepping.transition_covariance(p, t, h), ref.transition_covariance(p, t, h)),
+        (stepping.sscs_half_covariance(p, t, h), ref.sscs_half_covariance(p, t, h)),
+    ):
+        assert got == pytest.approx(want, rel=1e-13, abs=0)
+        assert stepping.noise_cholesky(got) == pytest.approx(ref.cholesky2(*want), rel=1e-12, abs=0)
+    assert stepping.noise_cholesky((0.0, 0.0, 0.0)) is None
 
 
 def _moments(a, b):

@@ -94,3 +94,22 @@ def test_image_grid_bad_input(tmp_path):
     for kwargs in ({"nrow": 0}, {"scale": 0}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             image_grid(torch.zeros(1, 1, 4, 4), tmp_path / "g.png", **kwargs)
+
+
+def test_titles_and_settings_label(tmp_path):
+    bridge = psb_fast.PhaseBridge()
+    sampler = psb_fast.PhaseSampler(bridge, nfe=10, T=0.7, order=2, grid="rev-quad", backend="reference")
+    assert psb_fast.plots.sampler_label(sampler) == "NFE 10, T 0.7, order 2, rev-quad grid"
+    x = torch.zeros(4, 1, 8, 8)
+    image_grid(x, tmp_path / "plain.png", scale=1)
+    image_grid(x, tmp_path / "titled.png", scale=1, title="NFE 10, T 0.7, order 2, rev-quad grid: 4 samples")
+    plain, titled = _read_png(tmp_path / "plain.png"), _read_png(tmp_path / "titled.png")
+    assert titled.shape[1] == plain.shape[1] and titled.shape[0] > plain.shape[0]
+    assert (titled[: titled.shape[0] - plain.shape[0]] < 128).any()  # text drawn on the band
+    data = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    toy_panels(data, {"a": data}, tmp_path / "t.png", title="settings")
+    for call in (lambda: toy_panels(data, {}, tmp_path / "x.png", title=3),
+                 lambda: image_grid(x, tmp_path / "x.png", title=b"x")):
+        with pytest.raises(TypeError, match="title"):
+            call()
+    assert not (tmp_path / "x.png").exists()

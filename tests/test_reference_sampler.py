@@ -1,8 +1,10 @@
-"""The plain-PyTorch reference samplers (reference/sampler.py, SPEC §3) with the exact-drift oracle.
+"""The reference samplers (reference/sampler.py, docs/math.md §10.3) with the exact-drift oracle.
 
 The Gaussian-mixture oracle (psb_fast.oracles) is a model with zero training error, so the
 probability-flow ODE samplers must converge to the exact flow (ode_solution) at their order,
-and the SDE samplers must reproduce the mixture itself.
+and the SDE samplers must reproduce the mixture itself. The oracle computes its multistep
+coefficients with its own quadrature (reference/multistep.py); their agreement with the production
+`psb_fast.multistep` is checked here too.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from psb_fast.bridge import PhaseBridge, split_phase
 from psb_fast.multistep import multistep_coefficients
 from psb_fast.oracles import mixture_2d_grid, ode_solution
 from psb_fast.reference import steps
-from psb_fast.reference.grids import rev_quad_grid
+from psb_fast.reference.bridge import hop_reference
+from psb_fast.reference.grids import rev_quad_grid, uniform_grid
+from psb_fast.reference.multistep import ode_coefficients
 from psb_fast.reference.sampler import sample_em, sample_ode, sample_sde_exact, sample_sscs
 
 torch.set_num_threads(1)
@@ -63,8 +67,14 @@ def convergence_setup(mix, ode_bridge):
     m0 = ode_bridge.sample_prior((CONV_B, 2), generator=gen, dtype=torch.float64)
     exact = {False: split_phase(ode_solution(mix, ode_bridge, m0, T0, T_END))[0]}
     mT = ode_solution(mix, ode_bridge, m0, T0, CONV_T[True])
-    exact[True] = ode_bridge.estimate_x1(mT, mix.drift(ode_bridge, mT, CONV_T[True]), CONV_T[True])
+    exact[True] = _hop(ode_bridge, mT, mix.drift(ode_bridge, mT, CONV_T[True]), CONV_T[True])
     return m0, exact
+
+
+def _hop(bridge: PhaseBridge, m: torch.Tensor, F: torch.Tensor, t: float) -> torch.Tensor:
+    """The oracle's hop (reference/bridge.py) of m = [x | v]."""
+    x, v = split_phase(m)
+    return hop_reference(bridge, x, v, F, t)
 
 
 def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,7 +107,7 @@ def test_published_settings_hop_close_to_exact(mix, ode_bridge):
     T = 0.7
     m0 = ode_bridge.sample_prior((256, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     mT = ode_solution(mix, ode_bridge, m0, T0, T)
-    exact = ode_bridge.estimate_x1(mT, mix.drift(ode_bridge, mT, T), T)
+    exact = _hop(ode_bridge, mT, mix.drift(ode_bridge, mT, T), T)
     x = sample_ode(mix.as_model(ode_bridge), m0, ode_bridge, rev_quad_grid(10, T0, T), 2, True)
     err = _rmse(x, exact)
     print(f"\n[published] NFE 10 T 0.7 order 2 hop: rmse vs exact = {err:.4f}")
@@ -112,7 +122,7 @@ def test_published_settings_hop_close_to_exact(mix, ode_bridge):
 @pytest.mark.parametrize("order", [0, 1, 2, 3])
 @pytest.mark.parametrize("hop", [False, True])
 def test_callback_and_update_rule(mix, ode_bridge, hop, order):
-    """callback gets i, t, x, v, F at every NFE, and consecutive states obey the SPEC update:
+    """callback gets i, t, x, v, F at every NFE, and consecutive states obey the update of docs/math.md §7.1:
     x_{i+1} = x_i + h_i v_i + sum_j Cx_{i,j} F_{i-j}, v_{i+1} = v_i + sum_j Cv_{i,j} F_{i-j}."""
     n, T = 7, (0.7 if hop else 0.9)
     grid = rev_quad_grid(n, T0, T)
@@ -132,7 +142,7 @@ def test_callback_and_update_rule(mix, ode_bridge, hop, order):
         assert s["x"].shape == s["v"].shape == s["F"].shape == (5, 2)
         want_F = mix.drift(ode_bridge, torch.cat([s["x"], s["v"]], 1), s["t"])
         torch.testing.assert_close(s["F"], want_F, rtol=1e-13, atol=1e-13)
-    co = multistep_coefficients(ode_bridge, grid, order, None if hop else T_END)
+    co = ode_coefficients(ode_bridge, grid, order, None if hop else T_END)
     states = [(s["x"], s["v"]) for s in seen]
     for i in range(n - 1 if hop else n):
         q = min(i, order)
@@ -148,8 +158,33 @@ def test_callback_and_update_rule(mix, ode_bridge, hop, order):
             torch.testing.assert_close(out, x, rtol=1e-14, atol=1e-14)
     if hop:
         last = seen[-1]
-        want = ode_bridge.estimate_x1(torch.cat([last["x"], last["v"]], 1), last["F"], T)
+        want = hop_reference(ode_bridge, last["x"], last["v"], last["F"], T)
         torch.testing.assert_close(out, want, rtol=1e-14, atol=1e-14)
+        # and the production float64 hop agrees with the oracle's
+        got = ode_bridge.estimate_x1(torch.cat([last["x"], last["v"]], 1), last["F"], T)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# --- the oracle's multistep coefficients against production -----------------------------------
+
+
+@pytest.mark.parametrize("mode", ["probODE", "SDE"])
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+@pytest.mark.parametrize(
+    ("n", "T", "t_end"), [(5, 0.9, None), (10, 0.7, None), (20, 0.99, T_END), (80, 0.999, None)]
+)
+def test_ode_coefficients_match_production(mode, order, n, T, t_end):
+    """reference/multistep.py (its own composite Gauss-Legendre and Lagrange weights) and the
+    production psb_fast.multistep agree to 1e-12 of each step's largest coefficient."""
+    bridge = PhaseBridge(mode=mode)
+    for grid in (rev_quad_grid(n, T0, T), uniform_grid(n, T0, T)):
+        want = ode_coefficients(bridge, grid, order, t_end)
+        got = multistep_coefficients(bridge, grid, order, t_end)
+        torch.testing.assert_close(got.h, want.h, rtol=1e-15, atol=0)
+        for name in ("Cx", "Cv"):
+            a, b = getattr(got, name), getattr(want, name)
+            scale = b.abs().amax(dim=1, keepdim=True)
+            assert bool(((a - b).abs() <= 1e-12 * scale).all()), (name, (a - b).abs().max().item())
 
 
 def _counting(model, dtype: torch.dtype, batch: int):
@@ -302,7 +337,7 @@ def test_exact_noise_step_covariance(t, h):
 @pytest.mark.parametrize(("t", "h"), [(0.2, 0.3), (0.95, 0.049)])
 def test_sampler_single_steps(sde_bridge, t, h):
     """One step of each SDE sampler (grid [t], hop=False, t_end = t + h) from a fixed m with a
-    constant model F = c: mean and variance of the output x against the SPEC step formulas."""
+    constant model F = c: mean and variance of the output x against the step formulas of docs/math.md §9."""
     n, c, p = 200_000, 0.7, sde_bridge.p
     m0 = torch.tensor([[0.3, -0.8]], dtype=torch.float64).expand(n, 2).contiguous()
     x0, v0 = 0.3, -0.8
@@ -311,7 +346,7 @@ def test_sampler_single_steps(sde_bridge, t, h):
         return torch.full_like(m[:, :1], c)
 
     grid = torch.tensor([t], dtype=torch.float64)
-    co = multistep_coefficients(sde_bridge, grid, 0, t + h)
+    co = ode_coefficients(sde_bridge, grid, 0, t + h)
     s = 0.5 * h
     half1, half2 = steps.sscs_half_covariance(p, t, s), steps.sscs_half_covariance(p, t + s, s)
     n_mid = sde_bridge.coefficients(t + s).normalizer.item()
@@ -402,5 +437,5 @@ def test_nfe1_hop(mix, ode_bridge, sde_bridge, name):
     fn = sample_ode if name == "ode" else SDE_SAMPLERS[name]
     out = fn(model, m0, bridge, grid, hop=True)
     assert len(calls) == 1
-    want = bridge.estimate_x1(m0, mix.drift(bridge, m0, 0.3), 0.3)
+    want = _hop(bridge, m0, mix.drift(bridge, m0, 0.3), 0.3)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)

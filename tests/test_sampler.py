@@ -7,11 +7,11 @@ import torch
 
 import psb_fast
 from psb_fast import PhaseBridge, PhaseSampler
+from psb_fast.defaults import default_setting, tuned_grid
 from psb_fast.oracles import mixture_2d_grid, ode_solution
 from psb_fast.reference.grids import rev_quad_grid
 from psb_fast.reference.sampler import sample_ode
 from psb_fast.sampler import published_T
-from psb_fast.tuned_defaults import tuned_grid, tuned_settings
 
 torch.set_num_threads(1)
 BACKENDS = ["cpu", "reference", "triton"]
@@ -52,7 +52,7 @@ def test_defaults_are_tuned_and_accurate(setup, nfe):
     least as well as the published settings (pathwise, vs the exact flow to 0.999)."""
     bridge, mix, m0 = setup
     sampler = PhaseSampler(bridge, nfe=nfe)
-    T, _, order = tuned_settings(nfe)
+    T, order = default_setting(nfe).T, default_setting(nfe).order
     assert (sampler.T, sampler.order, sampler.grid_kind) == (T, order, "tuned")
     assert torch.equal(sampler.grid, tuned_grid(nfe, 1e-5, T))
     m64 = m0.double()
@@ -98,7 +98,7 @@ def test_trajectory_and_callback(setup):
         mix.as_model(bridge), m0, return_trajectory=True, callback=lambda d: seen.append(d["i"])
     )
     assert seen == list(range(10)) and len(traj) == 10
-    assert traj[-1]["t"] == pytest.approx(tuned_settings(10)[0])
+    assert traj[-1]["t"] == pytest.approx(default_setting(10).T)
     assert torch.allclose(traj[-1]["x1_hat"], x1, atol=1e-6)
     assert all(s["x"].shape == (128, 2) and s["v"].shape == (128, 2) for s in traj)
     assert not torch.equal(traj[0]["x"], traj[-1]["x"])
@@ -208,3 +208,37 @@ def test_nfe1_hops_at_its_only_grid_time(setup):
     out = PhaseSampler(bridge, 1, backend="cpu").sample(model, m0)
     ref = sample_ode(model, m0, bridge, rev_quad_grid(1, 1e-5, 0.4), 2, hop=True)
     assert (out.double() - ref.double()).abs().max() < 1e-4
+
+
+def test_progress_bar_reaches_nfe(monkeypatch):
+    """The bar counts every network evaluation, the last one (before the hop) included."""
+    import psb_fast.sampler as sampler_module
+
+    counts = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+            counts.append(self)
+
+        def update(self, k=1):
+            self.n += k
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(sampler_module, "tqdm", Bar)
+    bridge = PhaseBridge()
+    m0 = bridge.sample_prior((8, 2), generator=torch.Generator().manual_seed(0))
+    for nfe in (1, 5, 10):
+        sampler = PhaseSampler(bridge, nfe, backend="cpu")
+        sampler.sample(lambda m, t: torch.zeros_like(m[:, :2]), m0, progress=True)
+    assert [(b.n, b.total) for b in counts] == [(1, 1), (5, 5), (10, 10)]
+
+
+def test_model_output_on_another_device_is_refused():
+    """The loop's fused steps take the output as it is: one on another device is refused first."""
+    bridge = PhaseBridge()
+    m0 = bridge.sample_prior((4, 2), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"model output at step 0 \(t=1e-05\) must be on cpu, got meta"):
+        PhaseSampler(bridge, 3, backend="cpu").sample(lambda m, t: torch.zeros(4, 2, device="meta"), m0)

@@ -1,6 +1,6 @@
 """Convergence order of PhaseSampler's SDE solvers ("sde", "em", "sscs") on the exact-drift oracle.
 
-Strong convergence along one Brownian path. The SDE of an SDE-mode model (SPEC §3) is
+Strong convergence along one Brownian path. The SDE of an SDE-mode model (docs/math.md §6.2) is
 
     dx = v dt,   dv = N(t) F(m, t) dt + g(t) dW,   g(t) = p (1 - t),
 
@@ -10,13 +10,14 @@ drawn on a fine uniform grid of M_FINE intervals as the exact Gaussian triples
 (dW, I_v, I_x) = (int dW, int g dW, int (b - s) g dW) over each interval [a, b] (their 3 x 3
 covariance by Gauss-Legendre quadrature, exact for these polynomials). Summing them gives the
 same triples over any coarser interval, so every solver at every NFE sees the same path:
-`sde_step` (the public step PhaseSampler calls) is given xi through its `xi` argument, built
-from the path as the standard normals the step expects:
+PhaseSampler's noise source (`seeded_noise`, which gives each SDE step (kind, t, h) its draw)
+is replaced by one that gives the step xi, as `sde_step`'s `xi` argument would, built from the
+path as the standard normals the step expects:
 - "exact" over [t, t+h]: (I_x, I_v) = chol(Q) xi, Q the exact transition covariance (so the
   step injects exactly the path's noise when its Q is right);
 - "em": xi_v = dW / sqrt(h) (the step injects g(t) dW);
 - "sscs_half" over [t, t+s]: xi = chol(Q(t, s))^-1 (I_x, I_v), standard normal; the compat
-  covariance (g frozen at p (1 - t), SPEC §3) then injects the path's noise up to O(s).
+  covariance (g frozen at p (1 - t), docs/math.md §9.4) then injects the path's noise up to O(s).
 The "truth" is an exponential-Euler solve on the fine grid in float64, written here: the drift
 integrals int N and int (b - s) N by quadrature of PhaseBridge's N(s), the noise the path's
 exact (I_x, I_v). Its error is O(1/M_FINE), 1/16 of the finest solver's.
@@ -48,7 +49,7 @@ import numpy as np
 import pytest
 import torch
 
-from psb_fast import PhaseBridge, PhaseSampler, sde_step
+from psb_fast import PhaseBridge, PhaseSampler
 from psb_fast.bridge import split_phase
 from psb_fast.oracles import GaussianMixture, mixture_2d_grid
 from psb_fast.reference.grids import rev_quad_grid
@@ -144,11 +145,10 @@ class BrownianPath:
 def _drive_with(monkeypatch: pytest.MonkeyPatch, noise) -> None:
     """Make PhaseSampler's SDE steps take xi = noise(kind, t, h) instead of their seeded draws."""
 
-    def step(kind, m, F, bridge, t, h, **kwargs):
-        kwargs.pop("seed")
-        return sde_step(kind, m, F, bridge, t, h, xi=noise(kind, t, h), **kwargs)
+    def source(seed):
+        return lambda m, k, kind, t, h: (0, noise(kind, t, h))
 
-    monkeypatch.setattr(sampler_module, "sde_step", step)
+    monkeypatch.setattr(sampler_module, "seeded_noise", source)
 
 
 def _run(bridge, model, m0, n_steps: int, solver: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +187,7 @@ def path_setup(sde_bridge, mix):
 
 def test_oracle_drift_is_the_sde_target(sde_bridge, mix):
     """In mode "SDE" the oracle outputs E[a | m] / N with a = 4 (x1 - x - tau v) / tau^2 and the SDE
-    normalizer N = sqrt((P AA)^2 + (P Lvv)^2) / tau (SPEC §2), not the probODE target."""
+    normalizer N = sqrt((P AA)^2 + (P Lvv)^2) / tau (docs/math.md §5.2), not the probODE target."""
     gen = torch.Generator().manual_seed(1)
     m = sde_bridge.sample_prior((64, mix.dim), generator=gen, dtype=torch.float64)
     for t in (0.0, 0.3, 0.9):

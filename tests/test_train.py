@@ -197,7 +197,8 @@ class NaNAfter(torch.nn.Module):
 def test_nonfinite_loss_names_step_and_keeps_checkpoint(tmp_path):
     cfg = tiny(tmp_path / "run", ckpt_every=3, log_every=100)
     model = NaNAfter(make_model("mlp", (2,), hidden=16, depth=1, time_dim=8), good=4)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 5: .*last good checkpoint .* is kept"):
+    with pytest.raises(FloatingPointError,
+                       match=r"loss is nan at step 5: .*last good checkpoint .* \(step 3\) is kept"):
         train(cfg, progress=False, model=model)
     assert load_checkpoint(Path(cfg.out_dir) / "checkpoint.pt", fallback=False)["step"] == 3
     events = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]

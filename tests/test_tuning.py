@@ -1,4 +1,4 @@
-"""Tuned per-NFE defaults (psb_fast.tuned_defaults) and the tuning API (psb_fast.tuning)."""
+"""Per-NFE defaults (psb_fast.defaults, psb_fast/defaults.json) and the tuning API (psb_fast.tuning)."""
 
 import json
 import math
@@ -8,23 +8,16 @@ import pytest
 import torch
 
 from psb_fast import PhaseBridge
+from psb_fast.defaults import default_entry, default_setting, tuned_grid
+from psb_fast.grids import power_grid
 from psb_fast.oracles import mixture_2d_grid, mixture_2d_ring, mixture_random, ode_solution
 from psb_fast.reference.grids import rev_quad_grid
 from psb_fast.reference.sampler import sample_ode
-from psb_fast.tuned_defaults import (
-    TUNED,
-    TUNED_FRACTIONS,
-    default_setting,
-    grid_from_setting,
-    tuned_fractions,
-    tuned_grid,
-    tuned_settings,
-)
+from psb_fast.settings import Setting, published_setting
 from psb_fast.tuning import (
     fractions_from_log_gaps,
     load_tuned,
     optimize_grid,
-    published_setting,
     reference_solution,
     run_settings,
     save_tuned,
@@ -52,17 +45,19 @@ PER_MIXTURE_BOUND = {5: 0.85, 10: 0.65, 20: 0.95}
 NO_WORSE_NFES = (3, 7, 12, 13, 15, 32, 47)
 
 
-def test_tuned_settings_cover_1_to_50_with_valid_values():
-    assert set(range(1, 51)) <= set(TUNED)
+def test_default_settings_cover_1_to_50_with_valid_values():
+    assert default_entry(50)["nfe"] == 50 and default_entry(51)["nfe"] == 50
     for nfe in range(1, 60):
-        T, q, order = tuned_settings(nfe)
-        assert isinstance(T, float) and T0 < T < 1
-        assert isinstance(q, float) and math.isfinite(q) and q > 0
-        assert isinstance(order, int) and 0 <= order <= 3
-    assert tuned_settings(200) == TUNED[50]
+        s = default_setting(nfe)
+        assert isinstance(s.T, float) and T0 < s.T < 1
+        assert isinstance(s.q, float) and math.isfinite(s.q) and s.q > 0
+        assert isinstance(s.order, int) and 0 <= s.order <= 3
+        assert s.fractions is None or len(s.fractions) == nfe
+    last = default_setting(50)
+    assert default_setting(200) == last.replace(fractions=None)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError):
-            tuned_settings(bad)
+            default_setting(bad)
 
 
 def test_tuned_grid_spans_t0_to_T_and_uses_the_fractions():
@@ -72,36 +67,36 @@ def test_tuned_grid_spans_t0_to_T_and_uses_the_fractions():
             assert grid.dtype == torch.float64 and grid.shape == (nfe,)
             assert grid[0] == t0 and (nfe == 1 or grid[-1] == T)
             assert bool((grid[1:] > grid[:-1]).all())
-            q = tuned_settings(nfe)[1]
-            if nfe in TUNED_FRACTIONS:
+            q, fractions = default_setting(nfe).q, default_setting(nfe).fractions
+            if fractions is not None:
                 a, b = t0 ** (1 / q), T ** (1 / q)
                 r = (grid ** (1 / q) - a) / (b - a)
-                assert torch.allclose(r, torch.tensor(TUNED_FRACTIONS[nfe], dtype=torch.float64), atol=1e-12)
+                assert torch.allclose(r, torch.tensor(fractions, dtype=torch.float64), atol=1e-12)
             else:
                 assert torch.allclose(grid, rev_quad_grid(nfe, t0, T, q), rtol=0, atol=1e-15)
 
 
-def test_grid_from_setting_power_grid_and_validation():
-    assert torch.equal(grid_from_setting(6, 1e-5, 0.7, 1.5), rev_quad_grid(6, 1e-5, 0.7, 1.5))
+def test_power_grid_with_fractions_and_validation():
+    assert torch.equal(power_grid(6, 1e-5, 0.7, 1.5), rev_quad_grid(6, 1e-5, 0.7, 1.5))
     uniform = [i / 4 for i in range(5)]
-    assert torch.allclose(grid_from_setting(5, 1e-5, 0.7, 2.0, uniform), rev_quad_grid(5, 1e-5, 0.7, 2.0))
-    grid = grid_from_setting(4, 0.0, 0.64, 2.0, [0.0, 0.25, 0.5, 1.0])
+    assert torch.allclose(power_grid(5, 1e-5, 0.7, 2.0, uniform), rev_quad_grid(5, 1e-5, 0.7, 2.0))
+    grid = power_grid(4, 0.0, 0.64, 2.0, [0.0, 0.25, 0.5, 1.0])
     assert torch.allclose(grid, torch.tensor([0.0, 0.04, 0.16, 0.64], dtype=torch.float64))
     for bad in ([0.0, 0.5, 1.0], [0.1, 0.4, 0.6, 1.0], [0.0, 0.4, 0.6, 0.9], [0.0, 0.6, 0.4, 1.0],
                 [0.0, 0.5, 0.5, 1.0], "abcd"):
         with pytest.raises(ValueError, match="fractions"):
-            grid_from_setting(4, 1e-5, 0.7, 2.0, bad)
+            power_grid(4, 1e-5, 0.7, 2.0, bad)
     with pytest.raises(ValueError, match="fractions"):
-        grid_from_setting(1, 1e-5, 0.7, 2.0, [0.0])
+        power_grid(1, 1e-5, 0.7, 2.0, [0.0])
     with pytest.raises(ValueError, match="q"):
-        grid_from_setting(4, 1e-5, 0.7, -1.0)
+        power_grid(4, 1e-5, 0.7, -1.0)
     with pytest.raises(ValueError, match="T"):
-        grid_from_setting(4, 0.5, 0.4, 2.0)
+        power_grid(4, 0.5, 0.4, 2.0)
 
 
 @pytest.fixture(scope="module")
 def heldout():
-    """All four held-out mixtures of the study (benchmarks/tuning_study.py HELDOUT, fixed before
+    """All four held-out mixtures of the study (studies/tuning_study.py HELDOUT, fixed before
     any result was seen and never used for tuning), each with a prior batch of a seed the study
     does not use, and the exact flow's output. B = 1024 per mixture: at low NFE the RMSE is
     dominated by the few draws sent to another mode, so small batches give noisy ratios."""
@@ -153,9 +148,8 @@ def test_batched_settings_equal_the_reference_sampler():
     model = mix.as_model(bridge)
     settings = [(0.4, 2.0, 2), (0.9, 1.5, 3), (0.7, 1.0, 0), (0.8, 1.5, 2, (0.0, 0.1, 0.3, 0.45, 0.8, 1.0))]
     out = run_settings(model, bridge, m0, 6, settings, max_rows=10_000)
-    for c, (T, q, order, *fractions) in enumerate(settings):
-        grid = grid_from_setting(6, T0, T, q, fractions[0] if fractions else None)
-        ref = sample_ode(model, m0, bridge, grid, order, hop=True)
+    for c, setting in enumerate(map(Setting.coerce, settings)):
+        ref = sample_ode(model, m0, bridge, setting.grid(6, T0), setting.order, hop=True)
         assert torch.allclose(out[c], ref, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="fractions"):
         run_settings(model, bridge, m0, 6, [(0.8, 1.5, 2, (0.0, 0.5, 1.0))])
@@ -166,12 +160,13 @@ def test_optimize_grid_finds_the_minimum_of_a_known_objective():
     goal = torch.tensor([0.75, 0.1, 0.4], dtype=torch.float64)
 
     def objective(settings):
-        points = torch.tensor([[s[0], *s[3][1:-1]] for s in settings], dtype=torch.float64)
+        points = torch.tensor([[s.T, *s.fractions[1:-1]] for s in settings], dtype=torch.float64)
         return ((points - goal) ** 2).sum(1)
 
-    best, value, iterations = optimize_grid(objective, 4, (0.5, 2.0, 2), min_step=1e-3, max_iter=400)
-    assert best[1:3] == (2.0, 2) and best[3][0] == 0.0 and best[3][-1] == 1.0
-    assert abs(best[0] - 0.75) < 2e-3 and max(abs(best[3][1] - 0.1), abs(best[3][2] - 0.4)) < 2e-3
+    best, value, iterations = optimize_grid(objective, 4, Setting(0.5, 2.0, 2), min_step=1e-3, max_iter=400)
+    assert (best.q, best.order) == (2.0, 2) and best.fractions[0] == 0.0 and best.fractions[-1] == 1.0
+    r = best.fractions
+    assert abs(best.T - 0.75) < 2e-3 and max(abs(r[1] - 0.1), abs(r[2] - 0.4)) < 2e-3
     assert value < 1e-5 and iterations > 1
     assert fractions_from_log_gaps([0.0, 0.0]) == (0.0, 0.5, 1.0)
 
@@ -230,24 +225,51 @@ def test_save_load_round_trip_and_malformed_files(tmp_path):
 
 def test_defaults_are_searched_or_published():
     """Every default is either the published setting or a searched entry that kept its place on
-    the trained tuning models (benchmarks/tuning_trained.py); NFE 5, 10, 12, 15 and 20 are the
+    the trained tuning models (studies/tuning_trained.py); NFE 5, 10, 12, 15 and 20 are the
     admissible picks of the joint search recorded in benchmarks/results/tuning_joint.json."""
     for nfe in range(3, 51):
-        T, q, order = tuned_settings(nfe)
-        if (q, order) == (2.0, 2) and tuned_fractions(nfe) is None:
-            assert T == pytest.approx(published_setting(nfe)[0])
+        entry = default_entry(nfe)
+        s = entry["setting"]
+        if (s.q, s.order) == (2.0, 2) and s.fractions is None:
+            assert entry["source"] == "published" and s == published_setting(nfe)
+        if entry["source"] == "published":
+            assert entry["stage"] == "trained" and not entry["scores"]["trained"]["kept"]
     report = Path(__file__).parents[1] / "benchmarks" / "results" / "tuning_joint.json"
     joint = json.loads(report.read_text())
     for nfe, record in joint["table"].items():
-        T, q, order, *fractions = record["setting"]
         assert record["admissible"] and all(r <= 1 for r in record["ratios"].values())
-        assert tuned_settings(int(nfe)) == (T, q, order)
-        assert tuned_fractions(int(nfe)) == (tuple(fractions[0]) if fractions else None)
+        assert default_setting(int(nfe)) == Setting.coerce(record["setting"])
+        assert default_entry(int(nfe))["stage"] == "joint"
+    assert len(default_setting(20).fractions) == 20
 
 
-def test_default_setting_is_the_tuned_entry_with_its_grid():
-    for nfe in range(1, 60):
-        fractions = tuned_fractions(nfe)
-        expected = tuned_settings(nfe) + ((fractions,) if fractions is not None else ())
-        assert default_setting(nfe) == expected
-    assert len(default_setting(20)) == 4 and default_setting(20)[3] == TUNED_FRACTIONS[20]
+def test_tune_progress_counts_every_candidate(monkeypatch):
+    """The tune bar advances once per candidate setting (coarse and refined), across NFEs."""
+    import psb_fast.tuning as tuning
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, text):
+            pass
+
+        def refresh(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tuning, "tqdm", Bar)
+    bridge = PhaseBridge()
+    m0 = bridge.sample_prior((32, 2), generator=torch.Generator().manual_seed(0))
+    model = mixture_2d_grid().as_model(bridge)
+    tuning.tune(model, bridge, [3, 4], m0, Ts=[0.5, 0.7], qs=[2.0], orders=[1, 2], reference_nfe=20)
+    (bar,) = bars
+    assert bar.n == bar.total and bar.total > 2 * 4

@@ -1,4 +1,4 @@
-"""The joint search of the sampler defaults (benchmarks/tuning_joint.py) on synthetic problems."""
+"""The joint search of the sampler defaults (studies/tuning_joint.py) on synthetic problems."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from psb_fast.benchmarks import tuning_joint as tj
-from psb_fast.benchmarks import tuning_trained as tt
-from psb_fast.tuning import published_setting
+from psb_fast.defaults import default_setting
+from psb_fast.settings import Setting, published_setting
+from studies import tuning_joint as tj
+from studies import tuning_trained as tt
 
 
 def test_joint_objective_weights_the_worst_mixture_and_guards_trained_models():
@@ -34,7 +35,7 @@ class _RowsSynthetic:
 
     def rmse(self, nfe, settings, rows=slice(None)):
         w = (1 + torch.arange(self.n, dtype=torch.float64)[rows] / 100).mean()
-        return torch.tensor([(1.0 + abs(s[0] - self.T_best) + self.penalty3 * (s[2] == 3)) * float(w)
+        return torch.tensor([(1.0 + abs(s.T - self.T_best) + self.penalty3 * (s.order == 3)) * float(w)
                              for s in settings], dtype=torch.float64)
 
 
@@ -42,13 +43,13 @@ def test_rows_view_has_its_own_key_and_rows():
     p = _RowsSynthetic("a", 0.5, 0.0)
     v = tt.RowsView(p, slice(0, 4))
     assert v.key == "a:rows0-4" and v.name == "a"
-    s = [(0.5, 2.0, 2)]
+    s = [Setting(0.5, 2.0, 2)]
     assert v.rmse(5, s).tolist() == p.rmse(5, s, slice(0, 4)).tolist()
 
 
 def test_search_nfe_finds_the_setting_good_on_mixtures_and_safe_on_trained_models(tmp_path):
     nfe = 5
-    pub_T = published_setting(nfe)[0]
+    pub_T = published_setting(nfe).T
     T_best = 0.7
     problems = [_RowsSynthetic("mix-a", T_best, 0.0), _RowsSynthetic("mix-b", T_best + 0.02, 0.0),
                 _RowsSynthetic("model", T_best, 1.0)]
@@ -59,13 +60,14 @@ def test_search_nfe_finds_the_setting_good_on_mixtures_and_safe_on_trained_model
     assert order == 2  # order 3 costs on the trained model
     assert abs(T - T_best) < 0.05 and abs(T - pub_T) > 0.2
     assert r["admissible"] and all(v < 1 for v in r["ratios"].values())
-    expected = problems[0].rmse(nfe, [r["setting"]]) / problems[0].rmse(nfe, [published_setting(nfe)])
+    pick = Setting.coerce(r["setting"])
+    expected = problems[0].rmse(nfe, [pick]) / problems[0].rmse(nfe, [published_setting(nfe)])
     assert r["ratios"]["mix-a"] == pytest.approx(float(expected[0]))
     assert any(k.startswith("mix-a:rows4-8|") for k in cache.data)  # the check half was scored apart
 
 
 def test_ratio_interval_brackets_the_ratio_and_widens_with_rare_large_errors():
-    from psb_fast.benchmarks.tuning_study import ratio_interval
+    from studies.tuning_study import ratio_interval
 
     gen = torch.Generator().manual_seed(0)
     sq_b = torch.rand(4000, generator=gen, dtype=torch.float64)
@@ -80,18 +82,15 @@ def test_ratio_interval_brackets_the_ratio_and_widens_with_rare_large_errors():
 
 
 def test_current_defaults_labels_the_joint_search_entries():
-    from psb_fast.benchmarks.tuning_study import current_defaults
-    from psb_fast.tuned_defaults import TUNED, TUNED_FRACTIONS
+    from studies.tuning_study import current_defaults
 
     def entry(nfe):
-        fr = TUNED_FRACTIONS.get(nfe)
-        return {"T": TUNED[nfe][0], "q": TUNED[nfe][1], "order": TUNED[nfe][2],
-                "fractions": list(fr) if fr else None, "source": "tuned", "search": {}}
+        s = default_setting(nfe)
+        return {**s.to_json(), "source": "tuned", "search": {}}
 
     previous = {"table": {str(n): entry(n) for n in range(1, 51)}}
     previous["table"]["7"]["T"] = 0.123  # recorded differently: replaced by the trained-model stage
-    setting = list(TUNED[5]) + ([list(TUNED_FRACTIONS[5])] if 5 in TUNED_FRACTIONS else [])
-    joint = {"5": {"setting": setting, "admissible": True}}
+    joint = {"5": {"setting": default_setting(5).as_tuple(), "admissible": True}}
     _, details = current_defaults(previous, joint)
     assert details[5]["source"] == "joint"
     assert details[7]["source"] == "trained" and details[7]["study_setting"][0] == 0.123

@@ -1,4 +1,4 @@
-"""The robustness stage of the tuned defaults (benchmarks/tuning_trained.py): its selection rule,
+"""The robustness stage of the tuned defaults (studies/tuning_trained.py): its selection rule,
 its candidate sets, its error cache, and one tiny end-to-end run on exact-drift mixtures."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from psb_fast import PhaseBridge
-from psb_fast.benchmarks import tuning_trained as tt
 from psb_fast.oracles import mixture_2d_grid, mixture_2d_ring
-from psb_fast.tuning import published_setting, reference_solution, settings_rmse
+from psb_fast.settings import Setting, published_setting
+from psb_fast.tuning import reference_solution, settings_rmse
+from studies import tuning_trained as tt
 
 torch.set_num_threads(1)
 
@@ -72,37 +73,37 @@ def test_robust_choice_bad_input(errs, match):
 
 
 def test_candidates_variants_of_the_tuned_entry():
-    tuned = {9: (0.7, 1.5, 3), 10: (0.8, 1.375, 3), 11: (0.85, 1.25, 3)}
-    fractions = {10: tuple(i / 9 for i in range(10))}
-    named = tt.candidates(10, tuned, fractions)
+    fractions = tuple(i / 9 for i in range(10))
+    picks = {9: Setting(0.7, 1.5, 3), 10: Setting(0.8, 1.375, 3, fractions), 11: Setting(0.85, 1.25, 3)}
+    named = tt.candidates(10, picks)
     assert list(named)[:2] == ["published", "tuned"]
-    assert named["published"] == tt.canonical(published_setting(10), 10)
-    assert named["tuned"] == (0.8, 1.375, 3, tuple(fractions[10]))
-    assert named["tuned-order2"] == (0.8, 1.375, 2, tuple(fractions[10]))
-    assert named["tuned-power"] == (0.8, 1.375, 3)
-    assert named["tuned-grid-pubT"][0] == pytest.approx(published_setting(10)[0])
-    assert named["tuned-grid-pubT-order2"][1:] == (1.375, 2, tuple(fractions[10]))
-    assert named["prev-nfe"] == (0.7, 1.5, 3) and named["next-nfe"] == (0.85, 1.25, 3)
+    assert named["published"] == published_setting(10).effective(10)
+    assert named["tuned"] == Setting(0.8, 1.375, 3, fractions)
+    assert named["tuned-order2"] == Setting(0.8, 1.375, 2, fractions)
+    assert named["tuned-power"] == Setting(0.8, 1.375, 3)
+    assert named["tuned-grid-pubT"].T == pytest.approx(published_setting(10).T)
+    assert named["tuned-grid-pubT-order2"].as_tuple()[1:] == (1.375, 2, fractions)
+    assert named["prev-nfe"] == Setting(0.7, 1.5, 3) and named["next-nfe"] == Setting(0.85, 1.25, 3)
     values = list(named.values())
     assert len(set(values[1:])) == len(values) - 1  # no duplicates after "published"
     with pytest.raises(ValueError, match="nfe"):
-        tt.candidates(12, tuned, fractions)
+        tt.candidates(12, picks)
 
 
 def test_candidates_keep_the_published_T_exactly():
     # published_T(17) = 0.8400000000000001: a rounded T would make a different (if close) sampler
     nfe = 17
-    named = tt.candidates(nfe, {nfe: (0.8, 1.5, 3)}, {})
-    assert named["published"] == tuple(published_setting(nfe))
-    assert named["tuned-grid-pubT"][0] == published_setting(nfe)[0]
+    named = tt.candidates(nfe, {nfe: Setting(0.8, 1.5, 3)})
+    assert named["published"] == published_setting(nfe)
+    assert named["tuned-grid-pubT"].T == published_setting(nfe).T
 
 
 def test_candidates_order_lowered_and_tuned_kept_when_published():
     nfe = 3
     pub = published_setting(nfe)
-    named = tt.candidates(nfe, {nfe: pub}, {})
+    named = tt.candidates(nfe, {nfe: pub})
     assert named["tuned"] == named["published"]
-    assert all(s[2] <= nfe - 2 for s in named.values())
+    assert all(s.order <= nfe - 2 for s in named.values())
 
 
 class _Counting:
@@ -113,7 +114,7 @@ class _Counting:
 
     def rmse(self, nfe, settings):
         self.calls.append(list(settings))
-        return torch.tensor([float(s[0]) * nfe for s in settings], dtype=torch.float64)
+        return torch.tensor([s.T * nfe for s in settings], dtype=torch.float64)
 
 
 def test_error_cache_scores_only_new_settings(tmp_path):
@@ -123,7 +124,8 @@ def test_error_cache_scores_only_new_settings(tmp_path):
     assert tt.ErrorCache(path).errors(problem, 4, [a]).tolist() == [2.0]
     cache = tt.ErrorCache(path)  # reloaded from the file
     assert cache.errors(problem, 4, [b, a]).tolist() == pytest.approx([2.4, 2.0])
-    assert problem.calls == [[a], [b]]
+    assert problem.calls == [[Setting(*a)], [Setting(*b)]]
+    assert tt.ErrorCache.key(problem, 4, Setting(*a)) == "fake|4|(0.5, 2.0, 2)"  # the keys of earlier caches
 
 
 class _Synthetic:
@@ -136,17 +138,16 @@ class _Synthetic:
 
     def rmse(self, nfe, settings):
         self.scored += list(settings)
-        return torch.tensor([1.0 + abs(s[0] - self.T_best) + self.penalty3 * (s[2] == 3) for s in settings],
+        return torch.tensor([1.0 + abs(s.T - self.T_best) + self.penalty3 * (s.order == 3) for s in settings],
                             dtype=torch.float64)
 
 
 def test_run_stage_keeps_an_admissible_tuned_entry_without_scoring_variants(tmp_path):
     nfe = 20
-    pub_T = published_setting(nfe)[0]
+    pub_T = published_setting(nfe).T
     problems = [_Synthetic("a", pub_T - 0.05, 0.0), _Synthetic("b", pub_T - 0.04, 0.0)]
-    table = {nfe: (pub_T - 0.05, 1.5, 3)}
-    result = tt.run_stage(problems, tt.ErrorCache(tmp_path / "e.json"), [nfe], progress=False, tuned=table,
-                          fractions={})
+    picks = {nfe: Setting(pub_T - 0.05, 1.5, 3)}
+    result = tt.run_stage(problems, tt.ErrorCache(tmp_path / "e.json"), [nfe], progress=False, picks=picks)
     assert result[nfe]["pick"] == "tuned" and result[nfe]["tuned_kept"]
     assert set(result[nfe]["candidates"]) == {"published", "tuned"}
     assert len(problems[0].scored) == 2
@@ -154,22 +155,21 @@ def test_run_stage_keeps_an_admissible_tuned_entry_without_scoring_variants(tmp_
 
 def test_run_stage_replaces_a_tuned_entry_that_loses_on_one_problem(tmp_path):
     nfe = 20
-    pub_T = published_setting(nfe)[0]
+    pub_T = published_setting(nfe).T
     # order 3 loses on the "trained" problem b; the order-2 variant of the tuned grid wins on both
     problems = [_Synthetic("a", pub_T - 0.05, 0.0), _Synthetic("b", pub_T - 0.05, 0.2)]
-    table = {nfe: (pub_T - 0.05, 1.5, 3)}
-    result = tt.run_stage(problems, tt.ErrorCache(tmp_path / "e.json"), [nfe], progress=False, tuned=table,
-                          fractions={})
+    picks = {nfe: Setting(pub_T - 0.05, 1.5, 3)}
+    result = tt.run_stage(problems, tt.ErrorCache(tmp_path / "e.json"), [nfe], progress=False, picks=picks)
     r = result[nfe]
     assert not r["tuned_kept"] and not r["candidates"]["tuned"]["admissible"]
     assert r["candidates"]["tuned"]["ratios"]["b"] > 1
-    assert r["pick"] == "published" and r["setting"] == published_setting(nfe)  # default: no re-pick
+    assert r["pick"] == "published" and Setting.coerce(r["setting"]) == published_setting(nfe)  # no re-pick
     repicked = tt.run_stage(problems, tt.ErrorCache(tmp_path / "g.json"), [nfe], progress=False,
-                            tuned=table, fractions={}, repick=True)[nfe]
+                            picks=picks, repick=True)[nfe]
     assert repicked["setting"][2] == 2 and repicked["setting"][0] == pytest.approx(pub_T - 0.05)
     assert all(v <= 1 for v in repicked["candidates"][repicked["pick"]]["ratios"].values())
-    full = tt.run_stage(problems, tt.ErrorCache(tmp_path / "f.json"), [nfe], progress=False, tuned=table,
-                        fractions={}, full=True, repick=True)
+    full = tt.run_stage(problems, tt.ErrorCache(tmp_path / "f.json"), [nfe], progress=False, picks=picks,
+                        full=True, repick=True)
     assert full[nfe]["setting"] == repicked["setting"]
 
 
@@ -208,22 +208,3 @@ def test_bar_images_are_seeded_bars_in_range():
     assert torch.equal(x, tt.bar_images(256, seed=3)) and not torch.equal(x, tt.bar_images(256, seed=4))
     lit = (x > 0).float().mean(1)  # one bar: some pixels lit, most dark
     assert bool((lit > 0).all()) and float(lit.mean()) < 0.4
-
-
-def test_write_defaults_lists_the_commands_in_order_and_round_trips(tmp_path):
-    from psb_fast import tuned_defaults
-    from psb_fast.benchmarks import tuning_study
-
-    path = tmp_path / "tuned_defaults.py"
-    path.write_text(open(tuned_defaults.__file__).read())
-    table = {1: (0.5, 2.0, 0), 2: (0.5, 2.0, 0), 3: (0.6, 1.5, 1, (0.0, 0.25, 1.0))}
-    tuning_study.write_defaults(table, tuning_study.DEFAULTS_COMMANDS, path)
-    tuning_study.write_defaults(table, tuning_study.DEFAULTS_COMMANDS, path)  # idempotent
-    text = path.read_text()
-    block = "".join(f"\n    {c}" for c in tuning_study.DEFAULTS_COMMANDS) + "\n"
-    assert text.count(block) == 1
-    assert text.index("tuning_study.py --write-defaults") < text.index("tuning_trained.py --write-defaults")
-    namespace: dict = {}
-    exec(compile(text, str(path), "exec"), namespace)
-    assert namespace["TUNED"] == {n: s[:3] for n, s in table.items()}
-    assert namespace["TUNED_FRACTIONS"] == {3: (0.0, 0.25, 1.0)}

@@ -1,6 +1,9 @@
 """Real data on a CPU: train a UNet on scikit-learn's 8x8 digits, sample it, measure quality.
 
-    python benchmarks/digits_study.py --out benchmarks/results/digits [--steps 3000] [--minutes 25]
+    python -m studies.digits_study --out benchmarks/results/digits [--steps 3000] [--minutes 25]
+
+Run from the repository root (studies/ is a plain folder of scripts, not installed; it imports
+only psb_fast). `--eval-only` re-evaluates the saved run, e.g. after the defaults changed.
 
 1. Trains (resumable: rerunning continues an interrupted run) an unconditional compact UNet on
    the digits train split (1438 images scaled to [-1, 1]) for `--steps` steps or until
@@ -37,7 +40,7 @@ from psb_fast.config import TrainConfig
 from psb_fast.data import load_data
 from psb_fast.plots import image_grid
 from psb_fast.pretrained import load_trained
-from psb_fast.sampler import published_T
+from psb_fast.settings import published_setting
 from psb_fast.train import CHECKPOINT, train_or_resume
 from psb_fast.tuning import reference_solution, rmse
 
@@ -116,7 +119,7 @@ def main() -> None:
     generated, compare = {}, []
     for nfe in COMPARE_NFES:
         tuned = PhaseSampler(bridge, nfe, backend="cpu")
-        published = PhaseSampler(bridge, nfe, T=published_T(nfe), order=2, grid="rev-quad", backend="cpu")
+        published = PhaseSampler(bridge, nfe, **published_setting(nfe).sampler_kwargs(), backend="cpu")
         start = time.perf_counter()
         x_tuned = tuned.sample(model, m0)
         seconds = time.perf_counter() - start
@@ -129,7 +132,7 @@ def main() -> None:
             generated[nfe] = {"tuned": quality(clf, x_tuned), "published": quality(clf, x_pub)}
             image_grid(x_tuned[:64], args.out / f"samples_nfe{nfe}.png")
     results = {
-        "command": "python benchmarks/digits_study.py --out benchmarks/results/digits "
+        "command": "python -m studies.digits_study --out benchmarks/results/digits "
                    + ("--eval-only" if args.eval_only else f"--steps {args.steps} --minutes {args.minutes}"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},

@@ -1,7 +1,10 @@
 """Joint search of sampler defaults: mixtures and trained models scored together, per NFE.
 
-    python benchmarks/tuning_joint.py --nfes 5 10 12 15 20              # search, report
-    python benchmarks/tuning_joint.py --nfes 5 10 12 15 20 --write-defaults
+    python -m studies.tuning_joint --nfes 5 10 12 15 20     # search, report -> tuning_joint.json
+    python -m studies.make_defaults                         # then: the defaults file from all results
+
+Run from the repository root (studies/ is a plain folder, not installed; `-m` puts the root on
+sys.path, so `from studies import tuning_trained` works).
 
 Why. The mixture search (tuning_study.py) optimizes on exact drifts and the robustness stage
 (tuning_trained.py) can only keep or reject what it found: at NFE 20 the mixture optimum (order 3,
@@ -20,21 +23,23 @@ so the worst mixture is pushed down (the acceptance asks for every held-out mixt
 trained model must stay at least 10 % better than published.
 
 Per NFE: (1) a sweep of the power-q grids over TS x QS x solver orders (--orders, default 2) and
-the current default;
+the default before this search (the mixture search's pick as the trained-model check left it:
+`make_defaults.compose` of tuning.json and tuning_trained.json);
 (2) per solver order, a compass search of T and the free grid (`psb_fast.tuning.optimize_grid`)
 from that order's best sweep setting; (3) the pick is the setting with the lowest J on the check
 rows among those starts and searched settings.
 Why order 2 by default: with --orders 2 3 this search picked order 3 at NFE 10 (T 0.774, free
 grid), which beat published on all nine tuning problems (ratios 0.18-0.63) and on every held-out
 mixture (worst 0.464), yet lost to the published sampler on the digits UNet (ratio 1.158, `python
-benchmarks/digits_study.py --out benchmarks/results/digits --eval-only` with that default); order 3
+-m studies.digits_study --out benchmarks/results/digits --eval-only` with that default); order 3
 at NFE 12-31 had already lost on the trained MLPs (tuning_trained.md). A real network's errors
 defeat the order-3 extrapolation, so the defaults keep the published solver order.
 
-Rule for --write-defaults (the robustness stage's, on the full batches): the result is written
-only if its ratio to published is <= 1 on all nine problems; otherwise the entry is unchanged.
-Afterwards: `python benchmarks/tuning_study.py --evaluate-only` (held-out mixtures) and
-`python benchmarks/digits_study.py --out benchmarks/results/digits --eval-only` (held-out model).
+Rule of `python -m studies.make_defaults` (the robustness stage's, on the full batches): a result
+("admissible" in tuning_joint.json) replaces the default only if its ratio to published is <= 1 on
+all nine problems; otherwise the entry is unchanged.
+Afterwards: `python -m studies.tuning_study --evaluate-only` (held-out mixtures) and
+`python -m studies.digits_study --out benchmarks/results/digits --eval-only` (held-out model).
 Scores are cached in <out>/cache/trained/errors.json, shared with tuning_trained.py.
 """
 
@@ -43,22 +48,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from psb_fast.defaults import default_setting
+from psb_fast.settings import Setting, published_setting
+from psb_fast.tuning import optimize_grid
+from studies import make_defaults
+from studies import tuning_trained as robust
 
-from psb_fast.benchmarks import tuning_study as study  # noqa: E402
-from psb_fast.benchmarks import tuning_trained as robust  # noqa: E402
-from psb_fast.tuned_defaults import TUNED, default_setting  # noqa: E402
-from psb_fast.tuning import optimize_grid, published_setting  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 NFES = (5, 10, 12, 15, 20)
 TS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.83, 0.86, 0.88, 0.9, 0.92, 0.94, 0.96)
@@ -83,11 +86,11 @@ class Scorer:
 
     def __init__(self, views: Sequence, is_trained: torch.Tensor, cache: robust.ErrorCache, nfe: int):
         self.views, self.is_trained, self.cache, self.nfe = views, is_trained, cache, nfe
-        self.published = robust.canonical(published_setting(nfe), nfe)
+        self.published = published_setting(nfe).effective(nfe)
 
     def ratios(self, settings: Sequence) -> torch.Tensor:
-        """RMSE ratio to published [P, C]."""
-        settings = [robust.canonical(s, self.nfe) for s in settings]
+        """RMSE ratio to published [P, C] (settings with the order lowered as in `Setting.effective`)."""
+        settings = [Setting.coerce(s).effective(self.nfe) for s in settings]
         errs = torch.stack([self.cache.errors(v, self.nfe, [self.published, *settings]) for v in self.views])
         return errs[:, 1:] / errs[:, :1]
 
@@ -96,35 +99,40 @@ class Scorer:
 
 
 def search_nfe(problems: Sequence, is_trained: torch.Tensor, sizes: Sequence[int], cache: robust.ErrorCache,
-               nfe: int, orders: Sequence[int] = ORDERS, progress: bool = True) -> dict:
-    """Sweep, compass search and check at one NFE (module docstring); returns the record."""
+               nfe: int, orders: Sequence[int] = ORDERS, progress: bool = True, start: Setting | None = None
+               ) -> dict:
+    """Sweep, compass search and check at one NFE (module docstring); returns the record (settings
+    in their tuple form, as in the JSON report). start: the default before this search (a sweep
+    candidate; None: the package default)."""
     halves = [(robust.RowsView(p, slice(0, n // 2)), robust.RowsView(p, slice(n // 2, n)))
               for p, n in zip(problems, sizes, strict=True)]
     search = Scorer([h[0] for h in halves], is_trained, cache, nfe)
     check = Scorer([h[1] for h in halves], is_trained, cache, nfe)
-    powers = [robust.canonical((T, q, o), nfe) for T in TS for q in QS for o in orders]
-    sweep = list(dict.fromkeys([robust.canonical(default_setting(nfe), nfe), *powers]))
+    start = default_setting(nfe) if start is None else Setting.coerce(start)
+    powers = [Setting(T, q, o).effective(nfe) for T in TS for q in QS for o in orders]
+    sweep = list(dict.fromkeys([start.effective(nfe), *powers]))
     J_sweep = search(sweep)
-    runs = []
-    for order in sorted({s[2] for s in sweep}):  # one compass search from the best sweep setting per order
-        i = min((k for k, s in enumerate(sweep) if s[2] == order), key=lambda k: float(J_sweep[k]))
+    runs, pairs = [], []
+    for order in sorted({s.order for s in sweep}):  # one compass search from the best sweep setting per order
+        i = min((k for k, s in enumerate(sweep) if s.order == order), key=lambda k: float(J_sweep[k]))
         free, J_free, iters = optimize_grid(search, nfe, sweep[i], max_iter=GRID_ITERS)
-        runs.append({"start": sweep[i], "free": robust.canonical(free, nfe), "iterations": iters,
+        pairs.append({"start": sweep[i], "free": free.effective(nfe)})
+        runs.append({"start": sweep[i].as_tuple(), "free": pairs[-1]["free"].as_tuple(), "iterations": iters,
                      "J_search": {"start": float(J_sweep[i]), "free": J_free}})
         if progress:
-            print(f"NFE {nfe}, order {order}: start {sweep[i][:3]} J {float(J_sweep[i]):.3f} -> searched "
-                  f"{runs[-1]['free'][:3]} J {J_free:.3f}", flush=True)
-    finalists = list(dict.fromkeys(s for r in runs for s in (r["start"], r["free"])))
+            print(f"NFE {nfe}, order {order}: start {sweep[i].label} J {float(J_sweep[i]):.3f} -> searched "
+                  f"{pairs[-1]['free'].label} J {J_free:.3f}", flush=True)
+    finalists = list(dict.fromkeys(s for pair in pairs for s in (pair["start"], pair["free"])))
     J_check = check(finalists)
-    for r in runs:
-        r["J_check"] = {k: float(J_check[finalists.index(r[k])]) for k in ("start", "free")}
+    for r, pair in zip(runs, pairs, strict=True):
+        r["J_check"] = {k: float(J_check[finalists.index(pair[k])]) for k in ("start", "free")}
     pick = finalists[int(J_check.argmin())]
     full = Scorer(problems, is_trained, cache, nfe).ratios([pick])[:, 0]
     names = [p.name for p in problems]
-    record = {"runs": runs, "setting": pick, "ratios": dict(zip(names, full.tolist(), strict=True)),
-              "admissible": bool((full <= 1.0).all())}
+    record = {"runs": runs, "setting": pick.as_tuple(),
+              "ratios": dict(zip(names, full.tolist(), strict=True)), "admissible": bool((full <= 1.0).all())}
     if progress:
-        print(f"NFE {nfe}: pick {pick[:3]}, admissible {record['admissible']}, ratios "
+        print(f"NFE {nfe}: pick {pick.label}, admissible {record['admissible']}, ratios "
               + " ".join(f"{n} {r:.2f}" for n, r in record["ratios"].items()), flush=True)
     return record
 
@@ -134,9 +142,10 @@ def markdown(report: dict) -> str:
     lines = robust.markdown_head("Joint search of the sampler defaults: mixtures and trained models together",
                                  report) + [
         f"Ratios = RMSE / RMSE of the published setting on the full batches of the {len(names)} tuning",
-        "problems (benchmarks/tuning_joint.py docstring). `--write-defaults` writes a pick only if it is",
-        "admissible (ratio <= 1 on all). Scores are cached (cache/trained/errors.json); uncached, the",
-        "search took 1435 s (NFE 20: 614 s; 15: 372 s; 12: 211 s; 5 and 10: 239 s; in pairs side by side).",
+        "problems (studies/tuning_joint.py docstring). `python -m studies.make_defaults` takes a pick",
+        "only if it is admissible (ratio <= 1 on all). Scores are cached (cache/trained/errors.json);",
+        "uncached, the search took 1435 s (NFE 20: 614 s; 15: 372 s; 12: 211 s; 5 and 10: 239 s; in pairs",
+        "side by side).",
         "", "| NFE | T | q | order | free grid | admissible | " + " | ".join(names) + " |",
         "|---:|---:|---:|---:|:---:|:---:|" + "---:|" * len(names),
     ]
@@ -154,10 +163,20 @@ def markdown(report: dict) -> str:
             lines.append(f"| {nfe} | {st[2]} | {st[0]:.4f}, {st[1]:g} | {Js['start']:.3f} / "
                          f"{Jc['start']:.3f} | {fr[0]:.4f}, {fr[1]:g} | {Js['free']:.3f} / "
                          f"{Jc['free']:.3f} | {run['iterations']} |")
-    lines += ["", "Grid fractions of the picks (power-q coordinate, psb_fast/tuned_defaults.py):", ""]
+    lines += ["", "Grid fractions of the picks (power-q coordinate, psb_fast/defaults.json):", ""]
     lines += [f"- NFE {nfe}: " + ", ".join(f"{f:g}" for f in r["setting"][3])
               for nfe, r in report["table"].items() if len(r["setting"]) > 3]
     return "\n".join(lines) + "\n"
+
+
+def previous_defaults(out: Path) -> Mapping[int, Setting]:
+    """The defaults before this search: the mixture search's picks (<out>/tuning.json) with the
+    trained-model check's replacements (<out>/tuning_trained.json, if present)."""
+    try:
+        results = make_defaults.read_results(out)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
+    return {n: e["setting"] for n, e in make_defaults.compose(results, stages=("mixture", "trained")).items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,38 +184,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="output folder")
     ap.add_argument("--nfes", type=int, nargs="+", default=list(NFES),
                     help="NFEs to search (default 5 10 12 15 20)")
-    ap.add_argument("--write-defaults", action="store_true",
-                    help="write the admissible results into psb_fast/tuned_defaults.py")
     ap.add_argument("--orders", type=int, nargs="+", choices=(1, 2, 3), default=None,
                     help=f"solver orders to search (default {ORDERS})")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args(argv)
     orders = tuple(sorted(set(args.orders))) if args.orders else ORDERS
-    bad = [n for n in args.nfes if n not in TUNED or n < 3]
+    out = Path(args.out)
+    before = previous_defaults(out)
+    bad = [n for n in args.nfes if n not in before or n < 3]
     if bad:
-        raise SystemExit(f"--nfes: {bad} not in 3..{max(TUNED)} (a free grid needs an interior node)")
+        raise SystemExit(f"--nfes: {bad} not in 3..{max(before)} (a free grid needs an interior node)")
     torch.set_num_threads(args.threads)
     start = time.time()
-    out = Path(args.out)
     mixtures, trained, cache = robust.tuning_problems(out, MIXTURE_BATCHES)
     problems = mixtures + trained
     sizes = [sum(MIXTURE_BATCHES.values())] * len(mixtures) + [robust.B_TRAINED] * len(trained)
     is_trained = torch.tensor([False] * len(mixtures) + [True] * len(trained))
     table = {}
     for nfe in tqdm(sorted(set(args.nfes)), desc="joint search", unit="NFE"):
-        table[nfe] = search_nfe(problems, is_trained, sizes, cache, nfe, orders)
-    command = "python benchmarks/tuning_joint.py --nfes " + " ".join(map(str, sorted(set(args.nfes))))
-    command += " --write-defaults" if args.write_defaults else ""
+        table[nfe] = search_nfe(problems, is_trained, sizes, cache, nfe, orders, start=before[nfe])
+    command = "python -m studies.tuning_joint --nfes " + " ".join(map(str, sorted(set(args.nfes))))
     command += (" --orders " + " ".join(map(str, args.orders))) if args.orders else ""
     report = {**robust.report_head(command, start, args.threads, problems),
               "table": {str(n): r for n, r in table.items()}}
     (out / "tuning_joint.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "tuning_joint.md").write_text(markdown(report))
-    if args.write_defaults:
-        picks = {n: default_setting(n) for n in TUNED}
-        picks.update({n: r["setting"] for n, r in table.items() if r["admissible"]})
-        study.write_defaults(picks, study.DEFAULTS_COMMANDS + (command,),
-                             ROOT / "psb_fast" / "tuned_defaults.py")
     return 0
 
 

@@ -1,9 +1,13 @@
 """Robustness stage of the tuned sampler defaults: keep a tuned entry only where it holds on TRAINED models.
 
-    python benchmarks/tuning_study.py --write-defaults          # 1. the mixture search (tuned_defaults)
-    python benchmarks/tuning_trained.py --write-defaults        # 2. this stage, on the table 1. wrote
+    python -m studies.tuning_study          # 1. the mixture search -> <out>/tuning.json
+    python -m studies.tuning_trained        # 2. this stage, on the picks 1. recorded -> tuning_trained.json
+    python -m studies.make_defaults         # later: the defaults file from all stages' results
 
-Why. The mixture search (benchmarks/tuning_study.py) scores settings with the EXACT drift of
+Run from the repository root (studies/ is a plain folder, not installed; `-m` puts the root on
+sys.path, so `from studies import tuning_study` works).
+
+Why. The mixture search (studies/tuning_study.py) scores settings with the EXACT drift of
 Gaussian mixtures. A trained network is not exact: its error differs across t, and a setting that
 is best for an exact drift (e.g. order 3 at a late hop) can lose to the published sampler on a real
 model. This stage re-scores a few principled variants of every tuned entry on trained models too,
@@ -15,7 +19,7 @@ Tuning problems (none of them held out anywhere):
   angle, length and width; `bar_images`), flattened to 64-D: a continuous image-like stand-in
   (3000 steps, batch 512, lr 2e-3, warmup 200, EMA 0.995, CPU); run folders cached under
   <out>/cache/trained/<name> (regenerated when missing). The digits model of
-  benchmarks/digits_study.py is NOT used: it stays held out. Target per model: its own NFE-200
+  studies/digits_study.py is NOT used: it stays held out. Target per model: its own NFE-200
   solution `psb_fast.tuning.reference_solution` from B_TRAINED prior draws (seed SEED_TRAINED).
 - mixtures: the study's tuning mixtures (tuning_study.TUNING) with their exact targets (cached by
   the study) on its fine batch (B = 1024, seed 1).
@@ -41,9 +45,9 @@ candidate is admissible when r_{p,c} <= 1 on EVERY problem (mixtures and trained
    the NFE > 50 rule are left as they are.
 
 Outputs: <out>/tuning_trained.json and tuning_trained.md (every candidate's ratios and the pick);
---write-defaults rewrites the generated block of psb_fast/tuned_defaults.py with the picks (the
-study's writer). Held-out checks afterwards: `python benchmarks/tuning_study.py --evaluate-only`
-(held-out mixtures) and `python benchmarks/digits_study.py --out benchmarks/results/digits --eval-only`.
+`python -m studies.make_defaults` takes the picks from there into psb_fast/defaults.json. Held-out
+checks afterwards: `python -m studies.tuning_study --evaluate-only` (held-out mixtures) and
+`python -m studies.digits_study --out benchmarks/results/digits --eval-only`.
 """
 
 from __future__ import annotations
@@ -53,7 +57,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -61,16 +64,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from psb_fast.config import TrainConfig
+from psb_fast.defaults import load_defaults
+from psb_fast.pretrained import load_trained
+from psb_fast.settings import Setting, published_setting
+from psb_fast.train import CHECKPOINT, train_or_resume
+from psb_fast.tuning import reference_solution, settings_rmse
+from studies import make_defaults
+from studies import tuning_study as study
 
-from psb_fast.benchmarks import tuning_study as study  # noqa: E402
-from psb_fast.config import TrainConfig  # noqa: E402
-from psb_fast.pretrained import load_trained  # noqa: E402
-from psb_fast.train import CHECKPOINT, train_or_resume  # noqa: E402
-from psb_fast.tuned_defaults import TUNED, TUNED_FRACTIONS, default_setting  # noqa: E402
-from psb_fast.tuning import published_setting, reference_solution, settings_rmse  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TOY_SETS = ("checkerboard", "spiral", "rings", "gmm-grid")
 BARS, N_BARS = "bars8x8", 20000
@@ -82,51 +85,39 @@ REFERENCE_NFE = 200
 MIXTURE_BATCHES = {"fine": 1024}  # the study's fine batch (its size in the full study), seed SEEDS["fine"]
 MAX_ROWS = 32768
 
-Setting = tuple
-
 
 # ----------------------------------------------------------------------------- selection (pure)
 
 
-def canonical(setting: Sequence, nfe: int) -> Setting:
-    """(T, q, order[, fractions]) as floats / int / tuple, the order lowered to nfe - 2. T is kept
-    exactly (not rounded), so a published pick written to the defaults IS the published sampler."""
-    T, q, order, *rest = setting
-    fractions = tuple(float(f) for f in rest[0]) if rest and rest[0] is not None else None
-    base = (float(T), float(q), int(min(int(order), max(nfe - 2, 0))))
-    return base + ((fractions,) if fractions is not None else ())
-
-
-def candidates(
-    nfe: int, tuned: Mapping[int, tuple], fractions: Mapping[int, Sequence[float]]
-) -> dict[str, Setting]:
+def candidates(nfe: int, picks: Mapping[int, Setting]) -> dict[str, Setting]:
     """Named candidate settings for one NFE (module docstring), duplicates removed (first name kept).
 
-    tuned: NFE -> (T, q, order) (the TUNED table); fractions: NFE -> grid fractions (TUNED_FRACTIONS).
-    The first two entries are always "published" and "tuned" (kept even when equal: the published
-    one then wins the tie).
+    picks: NFE -> the mixture search's setting (with its fractions). Every candidate is
+    `Setting.effective(nfe)` (the order lowered to nfe - 2); T is kept exactly (not rounded), so a
+    published pick IS the published sampler. The first two entries are always "published" and
+    "tuned" (kept even when equal: the published one then wins the tie).
     """
-    if nfe not in tuned:
-        raise ValueError(f"nfe must be a key of the tuned table ({min(tuned)}..{max(tuned)}), got {nfe!r}")
-    T, q, order = tuned[nfe]
-    fr = fractions.get(nfe)
+    if nfe not in picks:
+        raise ValueError(f"nfe must be a key of the picks ({min(picks)}..{max(picks)}), got {nfe!r}")
+    tuned = Setting.coerce(picks[nfe])
     pub = published_setting(nfe)
-    named: list[tuple[str, Sequence]] = [
+    order2 = min(tuned.order, 2)
+    named: list[tuple[str, Setting]] = [
         ("published", pub),
-        ("tuned", (T, q, order, fr)),
-        ("tuned-order2", (T, q, min(order, 2), fr)),
-        ("tuned-power", (T, q, order)),
-        ("tuned-grid-pubT", (pub[0], q, order, fr)),
-        ("tuned-grid-pubT-order2", (pub[0], q, min(order, 2), fr)),
-        ("pub-grid-tunedT", (T, 2.0, 2)),
-        ("published-order3", (pub[0], 2.0, 3)),
+        ("tuned", tuned),
+        ("tuned-order2", tuned.replace(order=order2)),
+        ("tuned-power", tuned.replace(fractions=None)),
+        ("tuned-grid-pubT", tuned.replace(T=pub.T)),
+        ("tuned-grid-pubT-order2", tuned.replace(T=pub.T, order=order2)),
+        ("pub-grid-tunedT", Setting(tuned.T, 2.0, 2)),
+        ("published-order3", Setting(pub.T, 2.0, 3)),
     ]
     for name, other in (("prev-nfe", nfe - 1), ("next-nfe", nfe + 1)):
-        if other in tuned:
-            named.append((name, tuned[other]))
+        if other in picks:
+            named.append((name, Setting.coerce(picks[other]).replace(fractions=None)))
     out: dict[str, Setting] = {}
     for k, (name, setting) in enumerate(named):
-        c = canonical(setting, nfe)
+        c = setting.effective(nfe)
         if k < 2 or c not in out.values():
             out[name] = c
     return out
@@ -269,17 +260,24 @@ class ErrorCache:
         self.data: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
 
     def errors(self, problem, nfe: int, settings: Sequence[Setting]) -> torch.Tensor:
-        keys = [f"{problem.key}|{nfe}|{s!r}" for s in settings]
+        """RMSEs [C] of `settings` (Settings or tuples) on `problem` at this NFE, scoring the uncached."""
+        settings = [Setting.coerce(s) for s in settings]
+        keys = [self.key(problem, nfe, s) for s in settings]
         missing = [s for s, k in zip(settings, keys, strict=True) if k not in self.data]
         if missing:
             for s, e in zip(missing, problem.rmse(nfe, missing).tolist(), strict=True):
-                self.data[f"{problem.key}|{nfe}|{s!r}"] = e
+                self.data[self.key(problem, nfe, s)] = e
             if self.path.is_file():  # keep what another run wrote meanwhile
                 self.data = {**json.loads(self.path.read_text()), **self.data}
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(self.data))
             os.replace(tmp, self.path)
         return torch.tensor([self.data[k] for k in keys], dtype=torch.float64)
+
+    @staticmethod
+    def key(problem, nfe: int, setting: Setting) -> str:
+        """"<problem key>|<nfe>|<repr of the setting's tuple form>" (the keys of existing caches)."""
+        return f"{problem.key}|{nfe}|{setting.as_tuple()!r}"
 
 
 def tuning_problems(out: Path, mixture_batches: Mapping[str, int] = MIXTURE_BATCHES
@@ -306,24 +304,32 @@ def report_head(command: str, start: float, threads: int, problems: Sequence) ->
 # ----------------------------------------------------------------------------- the stage
 
 
+def mixture_picks(out: Path) -> dict[int, Setting]:
+    """The mixture search's pick per NFE, from <out>/tuning.json (`make_defaults.mixture_picks`)."""
+    path = out / "tuning.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run `python -m studies.tuning_study` first")
+    return {n: s for n, (s, _) in make_defaults.mixture_picks(json.loads(path.read_text())).items()}
+
+
 def run_stage(
     problems: Sequence, cache: ErrorCache, nfes: Sequence[int] = NFES, progress: bool = True,
-    full: bool = False, tuned: Mapping[int, tuple] | None = None,
-    fractions: Mapping[int, Sequence[float]] | None = None, repick: bool = False,
+    full: bool = False, picks: Mapping[int, Setting] | None = None, repick: bool = False,
 ) -> dict:
     """Per NFE: the candidates' RMSEs on every problem and the pick (module docstring, "Rule").
 
     The published and tuned settings are scored first; if the tuned one is admissible it is kept
     and the variants are not scored (full=True scores every candidate anyway); otherwise the
     published setting is picked, or with repick=True the best admissible candidate
-    (`robust_choice`). tuned / fractions: the tables to check (default: the package's TUNED /
-    TUNED_FRACTIONS).
+    (`robust_choice`). picks: NFE -> the setting to check (default: the package defaults; `main`
+    checks the mixture search's picks recorded in tuning.json). Settings in the result are in their
+    tuple form (`Setting.as_tuple`, as in the JSON report).
     """
-    tuned = TUNED if tuned is None else tuned
-    fractions = TUNED_FRACTIONS if fractions is None else fractions
+    if picks is None:
+        picks = {n: entry["setting"] for n, entry in load_defaults().items()}
     result = {}
     for nfe in nfes:
-        named = candidates(nfe, tuned, fractions)
+        named = candidates(nfe, picks)
         names, settings = list(named), list(named.values())
         n_scored = len(names) if full else 2
         errs = torch.stack([cache.errors(p, nfe, settings[:n_scored]) for p in problems])
@@ -336,9 +342,9 @@ def run_stage(
         elif not repick:
             index = 1 if kept else 0
         result[nfe] = {
-            "pick": names[index], "setting": settings[index], "tuned_kept": kept,
+            "pick": names[index], "setting": settings[index].as_tuple(), "tuned_kept": kept,
             "candidates": {
-                name: {"setting": settings[c], "admissible": bool(info["admissible"][c]),
+                name: {"setting": settings[c].as_tuple(), "admissible": bool(info["admissible"][c]),
                        "gmean_ratio": float(info["gmean"][c]),
                        "ratios": {p.name: float(info["ratios"][m, c]) for m, p in enumerate(problems)}}
                 for c, name in enumerate(names[:n_scored])
@@ -363,7 +369,7 @@ def markdown(report: dict) -> str:
         "Ratios = RMSE / RMSE of the published setting, per tuning problem (trained models against their",
         f"own NFE-{REFERENCE_NFE} solution, B = {B_TRAINED}; the study's tuning mixtures against the exact "
         "flow, B = 1024).",
-        "Rule (benchmarks/tuning_trained.py): keep the tuned entry if its ratio is <= 1 on every problem;",
+        "Rule (studies/tuning_trained.py): keep the tuned entry if its ratio is <= 1 on every problem;",
         "otherwise the published setting (with --repick: among the candidates with ratio <= 1 on every",
         "problem, the one with the smallest geometric-mean ratio). gmean / worst: over all problems.",
         "Scores are cached (cache/trained/errors.json); uncached, scoring took 686 s after training the",
@@ -389,8 +395,6 @@ def markdown(report: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="output folder")
-    ap.add_argument("--write-defaults", action="store_true",
-                    help="write the picks into psb_fast/tuned_defaults.py")
     ap.add_argument("--nfes", type=int, nargs="*", default=list(NFES), help="NFEs to check (default 3..50)")
     ap.add_argument("--full", action="store_true", help="score every candidate at every NFE (for the report)")
     ap.add_argument("--repick", action="store_true",
@@ -400,21 +404,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.time()
     out = Path(args.out)
+    picks = mixture_picks(out)
     mixtures, trained, cache = tuning_problems(out)
     problems = mixtures + trained
-    table = run_stage(problems, cache, sorted(set(args.nfes)), full=args.full, repick=args.repick)
-    flags = [name for name in ("full", "write_defaults") if getattr(args, name)]
-    command = "python benchmarks/tuning_trained.py" + "".join(f" --{f.replace('_', '-')}" for f in flags)
+    table = run_stage(problems, cache, sorted(set(args.nfes)), full=args.full, picks=picks,
+                      repick=args.repick)
+    flags = [name for name in ("full", "repick") if getattr(args, name)]
+    command = "python -m studies.tuning_trained" + "".join(f" --{f}" for f in flags)
     report = {**report_head(command, start, args.threads, problems),
               "problem_keys": [p.key for p in problems], "table": {str(n): r for n, r in table.items()}}
     (out / "tuning_trained.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "tuning_trained.md").write_text(markdown(report))
-    if args.write_defaults:
-        picks = {n: default_setting(n) for n in TUNED}
-        for n, r in table.items():
-            if r["pick"] != "tuned":  # a kept entry is written exactly as it was
-                picks[n] = r["setting"]
-        study.write_defaults(picks, study.DEFAULTS_COMMANDS, ROOT / "psb_fast" / "tuned_defaults.py")
     return 0
 
 

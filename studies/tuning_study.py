@@ -1,12 +1,23 @@
 """NFE-vs-quality tuning study: per-NFE defaults (hop time T, grid order q, solver order).
 
-    python benchmarks/tuning_study.py [--quick] [--out benchmarks/results] [--write-defaults] [--oracle]
-    python benchmarks/tuning_study.py --evaluate-only   # after tuning_trained.py and tuning_joint.py
+    python -m studies.tuning_study [--quick] [--out benchmarks/results] [--oracle]
+    python -m studies.tuning_study --evaluate-only   # after make_defaults (see below)
 
---evaluate-only skips the search: it reads the current psb_fast/tuned_defaults.py and runs only the
-held-out check below, reusing <out>/tuning.json's held-out records for NFEs whose setting is the
-one that file records; NFEs changed since are re-scored (src `trained`: by the trained-model stage;
-src `joint`: by the joint search, benchmarks/tuning_joint.py, whose <out>/tuning_joint.json lists them).
+Run from the repository root (studies/ is a plain folder, not installed; `-m` puts the root on
+sys.path). The package defaults come from these steps, in order (psb_fast/defaults.py):
+
+    python -m studies.tuning_study                            # 1. this search -> tuning.json
+    python -m studies.tuning_trained                          # 2. check on trained models
+    python -m studies.tuning_joint --nfes 5 10 12 15 20       # 3. joint search
+    python -m studies.make_defaults                           # 4. -> psb_fast/defaults.json
+    python -m studies.tuning_study --evaluate-only            # 5. held-out check of the defaults
+
+--evaluate-only skips the search: it reads the package defaults (psb_fast/defaults.json) and runs
+only the held-out check below, reusing <out>/tuning.json's held-out records for NFEs whose setting
+is the one that file records; NFEs changed since are re-scored (src `trained`: by the trained-model
+stage; src `joint`: by the joint search, studies/tuning_joint.py, whose <out>/tuning_joint.json lists
+them). The mixture search's own pick of such an NFE stays in tuning.json as "study_setting"
+(studies/make_defaults.py reads it from there).
 
 Error metric: pathwise RMSE of the sampler output (hop=True: the hop's x1 estimate at T)
 against the EXACT probability flow's final output from the same prior draws m0:
@@ -47,7 +58,7 @@ linearly in log(1 - T) with either neighbour's q and order). NFE 1 copies NFE 2.
 
 Free grid (GRID_NFES): starting from the (T, q, order) chosen above, a compass search
 (`psb_fast.tuning.optimize_grid`) moves T and every node of the grid, as fractions
-0 = r_0 < ... < r_{n-1} = 1 of the power-q coordinate (tuned_defaults), minimizing J on the
+0 = r_0 < ... < r_{n-1} = 1 of the power-q coordinate (psb_fast.grids), minimizing J on the
 first GRID_ROWS confirm draws per tuning mixture. GRID_ROWS = 4096, the whole confirm batch:
 a search over ~10 free coordinates is itself a best-of-many pick that fits the mode flips of
 the draws it sees (the winner's curse above), so it gets all the draws that batch has. The
@@ -66,9 +77,6 @@ import json
 import math
 import os
 import platform
-import re
-import sys
-import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import fields
@@ -77,27 +85,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from psb_fast.bridge import Coefficients, PhaseBridge  # noqa: E402
-from psb_fast.oracles import (  # noqa: E402
+from psb_fast.bridge import Coefficients, PhaseBridge
+from psb_fast.defaults import default_setting
+from psb_fast.oracles import (
     GaussianMixture,
     mixture_2d_grid,
     mixture_2d_ring,
     mixture_random,
     ode_solution,
 )
-from psb_fast.tuned_defaults import default_setting  # noqa: E402
-from psb_fast.tuning import (  # noqa: E402
-    T_REF,
-    optimize_grid,
-    published_setting,
-    refine_candidates,
-    run_settings,
-    settings_rmse,
-)
+from psb_fast.settings import T_END, Setting, published_setting
+from psb_fast.tuning import optimize_grid, refine_candidates, run_settings, settings_rmse
+
+ROOT = Path(__file__).resolve().parents[1]
 
 T0 = 1e-5
 TUNED_NFES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 25, 30, 40, 50)
@@ -116,12 +116,6 @@ TOP_K, CONFIRM = 5, 8
 GUARD_WEIGHT, GUARD_MARGIN = 100.0, 0.9
 ODE_RTOL = 1e-11  # exact targets: scipy DOP853 rtol = atol (--quick: 1e-9, still ~1e-7 accurate)
 SEEDS = {"coarse": 0, "fine": 1, "heldout": 2, "confirm": 3}
-#: The commands that produce psb_fast/tuned_defaults.py, in order: this search, then the robustness
-#: stage on trained models (benchmarks/tuning_trained.py), which replaces the entries that lose
-#: to the published setting there; then `--evaluate-only` re-checks the final table on the held-out
-#: mixtures (tuning_table.md).
-DEFAULTS_COMMANDS = ("python benchmarks/tuning_study.py --write-defaults",
-                     "python benchmarks/tuning_trained.py --write-defaults")
 
 TUNING = {
     "grid3x3": lambda: mixture_2d_grid(),
@@ -171,14 +165,14 @@ class Problem:
         m0 = bridge.sample_prior((size, mix.dim), generator=gen, dtype=torch.float64)
         key = hashlib.sha1(
             repr((bridge.key(), mix.means.tolist(), mix.stds.tolist(), mix.weights.tolist(), size, seed,
-                  T0, T_REF) + (() if self.rtol == ODE_RTOL else (self.rtol,))).encode()
+                  T0, T_END) + (() if self.rtol == ODE_RTOL else (self.rtol,))).encode()
         ).hexdigest()[:16]
         path = self.cache / f"target_{self.name}_B{size}_s{seed}_{key}.pt"
         if path.exists():
             target = torch.load(path)
         else:
-            m_end = ode_solution(mix, bridge, m0, T0, T_REF, rtol=self.rtol, atol=self.rtol)
-            target = bridge.estimate_x1(m_end, mix.drift(bridge, m_end, T_REF), T_REF)
+            m_end = ode_solution(mix, bridge, m0, T0, T_END, rtol=self.rtol, atol=self.rtol)
+            target = bridge.estimate_x1(m_end, mix.drift(bridge, m_end, T_END), T_END)
             torch.save(target, path)
         self._batches[size, seed] = (m0, target)
         return m0, target
@@ -189,11 +183,10 @@ class Problem:
         return settings_rmse(self.model, self.bridge, m0[rows], target[rows], nfe, settings, T0, max_rows)
 
 
-def effective(setting, nfe: int):
+def effective(setting: Setting, nfe: int) -> Setting:
     """Canonical form: T to 5 decimals; an order above nfe - 2 never reaches history (step i
-    uses min(i, order)), so it is lowered to that."""
-    T, q, order, *fractions = setting
-    return (round(float(T), 5), float(q), int(min(order, max(nfe - 2, 0))), *fractions)
+    uses min(i, order)), so it is lowered to that (`Setting.effective`)."""
+    return setting.replace(T=round(setting.T, 5)).effective(nfe)
 
 
 def diverse_top(settings, J, n: int):
@@ -202,10 +195,11 @@ def diverse_top(settings, J, n: int):
     distinct grid shapes / solver orders rather than T's of one."""
     picked, seen = [], set()
     for i in J.argsort().tolist():
-        if i == 0 or settings[i][1:] in seen:
+        shape = (settings[i].q, settings[i].order, settings[i].fractions)
+        if i == 0 or shape in seen:
             continue
         picked.append(settings[i])
-        seen.add(settings[i][1:])
+        seen.add(shape)
         if len(picked) == n:
             break
     return picked
@@ -272,7 +266,8 @@ def stage(problems, nfe, cands, size, seed, max_rows, pbar):
 
 def tune_nfe(problems, nfe, cfg, max_rows, pbar) -> dict:
     orders_here = (0,) if nfe <= 2 else cfg["orders"]
-    coarse = sorted({effective((T, q, o), nfe) for T in cfg["Ts"] for q in cfg["qs"] for o in orders_here})
+    coarse = sorted({effective(Setting(T, q, o), nfe) for T in cfg["Ts"] for q in cfg["qs"]
+                     for o in orders_here})
     s1, J1, _ = stage(problems, nfe, coarse, cfg["B_coarse"], SEEDS["coarse"], max_rows, pbar)
     best = [s1[i] for i in J1.argsort().tolist() if i > 0][: cfg["top_k"]]
     fine = sorted({effective(s, nfe) for s in refine_candidates(best, cfg["Ts"], T0, t_steps=2, q_step=0.125,
@@ -329,24 +324,25 @@ def free_grid(problems, nfe, start, cfg, max_rows) -> dict:
         "setting": best if keep else start, "kept": keep, "iterations": iters, "J_search": J_search,
         "J_check": {"start": float(J[1]), "free": float(J[2])},
         "check_ratio": {p.name: float(E[m, 2] / E[m, 0]) for m, p in enumerate(problems)},
-        "free": best,
+        "free": best.as_tuple(),
     }
 
 
 def interpolate_candidates(nfe, lo, hi, s_lo, s_hi):
     w = (nfe - lo) / (hi - lo)
-    u = (1 - w) * -math.log1p(-s_lo[0]) + w * -math.log1p(-s_hi[0])
+    u = (1 - w) * -math.log1p(-s_lo.T) + w * -math.log1p(-s_hi.T)
     T = round(-math.expm1(-u), 6)
-    cands = {effective(s_lo[:3], nfe), effective(s_hi[:3], nfe), effective((T, s_lo[1], s_lo[2]), nfe),
-             effective((T, s_hi[1], s_hi[2]), nfe)}
+    s_lo, s_hi = s_lo.replace(fractions=None), s_hi.replace(fractions=None)  # power grids
+    cands = {effective(s_lo, nfe), effective(s_hi, nfe), effective(s_lo.replace(T=T), nfe),
+             effective(s_hi.replace(T=T), nfe)}
     return sorted(cands)
 
 
-def search(tuning, cfg, max_rows) -> tuple[dict[int, tuple], dict[int, dict]]:
+def search(tuning, cfg, max_rows) -> tuple[dict[int, Setting], dict[int, dict]]:
     """Steps 1, 2 and 2b of the module docstring on the tuning mixtures: (chosen settings, details)
     per NFE 1..50."""
     # 1. search at the tuned NFEs (tuning mixtures only)
-    chosen: dict[int, tuple] = {}
+    chosen: dict[int, Setting] = {}
     details: dict[int, dict] = {}
     pbar = tqdm(total=3 * len(tuning) * len(TUNED_NFES), desc="search", unit="mix-stage")
     for nfe in TUNED_NFES:
@@ -370,7 +366,7 @@ def search(tuning, cfg, max_rows) -> tuple[dict[int, tuple], dict[int, dict]]:
             "source": "interp", "setting": settings[i], "J": float(J[i]), "n_candidates": len(settings) - 1,
             "tuning_ratio": {p.name: float(errs[m, i] / errs[m, 0]) for m, p in enumerate(tuning)},
         }
-    chosen[1] = (chosen[2][0], chosen[2][1], 0)
+    chosen[1] = chosen[2].replace(order=0, fractions=None)
     details[1] = {"source": "copy of NFE 2", "setting": chosen[1]}
 
     # 2b. free grids (tuning mixtures: search on GRID_ROWS confirm draws, check on unseen draws)
@@ -381,33 +377,25 @@ def search(tuning, cfg, max_rows) -> tuple[dict[int, tuple], dict[int, dict]]:
     return chosen, details
 
 
-def as_setting(stored: Sequence) -> tuple:
-    """A setting read back from JSON ([T, q, order] or [T, q, order, fractions or None]) as the
-    tuple the sampler code and tuned_defaults use."""
-    T, q, order, *rest = stored
-    return (T, q, order) + ((tuple(rest[0]),) if rest and rest[0] is not None else ())
-
-
-def current_defaults(previous: dict, joint: dict | None = None) -> tuple[dict[int, tuple], dict[int, dict]]:
-    """The settings of psb_fast/tuned_defaults.py for NFE 1..50, and per NFE the search record of
+def current_defaults(previous: dict, joint: dict | None = None) -> tuple[dict[int, Setting], dict[int, dict]]:
+    """The package defaults (psb_fast.defaults) for NFE 1..50, and per NFE the search record of
     `previous` (a tuning.json). An NFE whose setting is the admissible result of the joint search
     (`joint`: tuning_joint.json's "table") has source "joint"; one that otherwise differs from the
-    recorded setting was replaced by the trained-model stage (benchmarks/tuning_trained.py): source
+    recorded setting was replaced by the trained-model stage (studies/tuning_trained.py): source
     "trained". Either way the study's pick is kept as "study_setting"."""
-    joint_settings = {int(n): as_setting(r["setting"]) for n, r in (joint or {}).items() if r["admissible"]}
+    joint_settings = {int(n): Setting.coerce(r["setting"]) for n, r in (joint or {}).items()
+                      if r["admissible"]}
     chosen, details = {}, {}
     for nfe in range(1, 51):
         chosen[nfe] = default_setting(nfe)
         rec = previous["table"][str(nfe)]
-        recorded = (rec["T"], rec["q"], rec["order"])
-        if rec.get("fractions"):
-            recorded += (tuple(rec["fractions"]),)
+        recorded = Setting(rec["T"], rec["q"], rec["order"], rec.get("fractions") or None)
         source = "joint" if joint_settings.get(nfe) == chosen[nfe] else None
         if recorded == chosen[nfe] and source is None:
             details[nfe] = {"source": rec["source"], "setting": chosen[nfe], **rec["search"]}
         else:
             record = {k: v for k, v in rec["search"].items() if k != "study_setting"}
-            study = rec["search"].get("study_setting", list(recorded))
+            study = rec["search"].get("study_setting", list(recorded.as_tuple()))
             details[nfe] = {"source": source or "trained", "setting": chosen[nfe], **record,
                             "study_setting": study}
     return chosen, details
@@ -422,7 +410,7 @@ def heldout_check(heldout, chosen, details, cfg, max_rows, previous: dict | None
     failures = []
     for nfe in tqdm(ACCEPT_NFES, desc="held-out check"):
         pub = published_setting(nfe)
-        T, q, order, *fractions = chosen[nfe]
+        setting = chosen[nfe]
         rec = previous["table"][str(nfe)] if previous else None
         reuse = rec is not None and details[nfe]["source"] not in ("trained", "joint") and rec.get("heldout")
         if reuse:
@@ -437,8 +425,8 @@ def heldout_check(heldout, chosen, details, cfg, max_rows, previous: dict | None
                 failures.append({"nfe": nfe, "mixture": name, "ratio": r["ratio"],
                                  "required": held["required"]})
         table[str(nfe)] = {
-            "T": T, "q": q, "order": order, "fractions": list(fractions[0]) if fractions else None,
-            "published": list(pub), "source": details[nfe]["source"],
+            **{k: v for k, v in setting.to_json().items() if k != "variant"},
+            "published": list(pub.as_tuple()), "source": details[nfe]["source"],
             "search": {k: v for k, v in details[nfe].items() if k not in ("source", "setting")},
             "heldout": held,
         }
@@ -468,7 +456,7 @@ def heldout_record(heldout, nfe, setting, pub, cfg, max_rows) -> dict:
 def study_pick_record(heldout, nfe, study_pick: Sequence, cfg, max_rows) -> dict:
     """Held-out ratios to published of the mixture search's own pick at an NFE whose default a later
     stage replaced: what the exact-drift search alone reached there."""
-    errs = evaluate(heldout, nfe, [as_setting(study_pick), published_setting(nfe)], cfg["B_heldout"],
+    errs = evaluate(heldout, nfe, [Setting.coerce(study_pick), published_setting(nfe)], cfg["B_heldout"],
                     SEEDS["heldout"], max_rows)
     ratio = errs[:, 0] / errs[:, 1]
     return {"setting": list(study_pick), "ratios": {p.name: float(ratio[m]) for m, p in enumerate(heldout)},
@@ -476,30 +464,6 @@ def study_pick_record(heldout, nfe, study_pick: Sequence, cfg, max_rows) -> dict
 
 
 # ----------------------------------------------------------------------------- outputs
-
-
-def write_defaults(table: dict[int, tuple], commands: str | Sequence[str], path: Path) -> None:
-    """Rewrite the generated block of psb_fast/tuned_defaults.py (TUNED, TUNED_FRACTIONS) and, in its
-    docstring, the commands that produce it, in order (the indented `python benchmarks/...` lines);
-    the hand-written functions around it are kept."""
-    text = path.read_text()
-    marker = "# ---- generated by benchmarks/tuning_study.py: "
-    begin, end = marker + "begin\n", marker + "end\n"
-    head, rest = text.split(begin)
-    _, tail = rest.split(end)
-    lines = ["TUNED: dict[int, tuple[float, float, int]] = {"]
-    lines += [f"    {nfe}: ({table[nfe][0]!r}, {table[nfe][1]!r}, {table[nfe][2]}),"
-              for nfe in sorted(table)]
-    lines += ["}", "", "TUNED_FRACTIONS: dict[int, tuple[float, ...]] = {"]
-    for nfe in sorted(table):
-        if len(table[nfe]) > 3:
-            body = textwrap.wrap(", ".join(repr(float(f)) for f in table[nfe][3]), 96)
-            lines += [f"    {nfe}: ("] + [f"        {line}" for line in body] + ["    ),"]
-    lines.append("}")
-    commands = [commands] if isinstance(commands, str) else list(commands)
-    block = "".join(f"    {c}\n" for c in commands)
-    head = re.sub(r"\n(?:    python benchmarks/[^\n]*\n)+", lambda _: "\n" + block, head, count=1)
-    path.write_text(head + begin + "\n".join(lines) + "\n" + end + tail)
 
 
 def cache_dir(out: Path) -> Path:
@@ -516,11 +480,11 @@ def markdown(report: dict) -> str:
         "# NFE-vs-quality tuning: tuned defaults vs the published settings",
         "",
         f"Command: `{cfg['command']}` ({report['runtime_s']:.0f} s, {cfg['platform']}).",
-        *([f"The search ran as `{cfg['search_command']}` ({cfg['search_runtime_s']:.0f} s); then",
-           "`python benchmarks/tuning_trained.py --write-defaults` replaced the entries that lose to the",
-           "published setting on trained models (src `trained`), and `python benchmarks/tuning_joint.py",
-           "--write-defaults` wrote the results of its joint search on mixtures and trained models (src",
-           "`joint`); this table checks the final defaults",
+        *([f"The search ran as `{cfg['search_command']}` ({cfg['search_runtime_s']:.0f} s); then the",
+           "trained-model check (`python -m studies.tuning_trained`) replaced the entries that lose to the",
+           "published setting on trained models (src `trained`), the joint search on mixtures and trained",
+           "models (`python -m studies.tuning_joint`) set others (src `joint`), and `python -m",
+           "studies.make_defaults` wrote psb_fast/defaults.json; this table checks those final defaults",
            "(held-out records of unchanged NFEs are the search run's, same batches)."]
           if "search_command" in cfg else []),
         "",
@@ -533,8 +497,8 @@ def markdown(report: dict) -> str:
         "Published = order 2, q = 2 (rev-quad), T = published_T(nfe). `tuned`/`published`: geometric",
         "mean of the held-out RMSEs; `ratio`: their ratio; `worst`: the largest per-mixture ratio.",
         "`src`: `tuned` (searched), `interp` (picked from the neighbouring tuned NFEs), `trained`",
-        "(replaced by the trained-model stage, benchmarks/tuning_trained.py) or `joint` (the joint",
-        "search on mixtures and trained models, benchmarks/tuning_joint.py); `grid`:",
+        "(replaced by the trained-model stage, studies/tuning_trained.py) or `joint` (the joint",
+        "search on mixtures and trained models, studies/tuning_joint.py); `grid`:",
         "`free` (fractions listed below) or `power` (the power-q grid).",
         "",
         "| NFE | src | grid | T | q | order | tuned RMSE | published RMSE | ratio | worst | target | pass |",
@@ -627,11 +591,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small batches and a coarse search (< 3 min)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="output folder")
-    ap.add_argument("--write-defaults", action="store_true", help="regenerate psb_fast/tuned_defaults.py")
     ap.add_argument("--oracle", action="store_true",
                     help="also tune each held-out mixture on itself at NFE 5, 10, 20 (the attainable bound)")
     ap.add_argument("--evaluate-only", action="store_true",
-                    help="no search: re-check psb_fast/tuned_defaults.py on the held-out mixtures, reusing "
+                    help="no search: re-check the package defaults (psb_fast/defaults.json) on the held-out "
+                         "mixtures, reusing "
                          "<out>/tuning.json's records for the NFEs whose setting it already checked")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest here)")
     args = ap.parse_args(argv)
@@ -639,11 +603,11 @@ def main(argv=None) -> int:
     start = time.time()
     out = Path(args.out)
     cache = cache_dir(out)
-    if args.evaluate_only and (args.quick or args.write_defaults or args.oracle):
+    if args.evaluate_only and (args.quick or args.oracle):
         ap.error("--evaluate-only re-checks the current defaults with the full study's held-out batches; "
-                 "it takes none of --quick, --write-defaults, --oracle")
-    flags = [name for name in ("quick", "evaluate_only", "write_defaults", "oracle") if getattr(args, name)]
-    command = "python benchmarks/tuning_study.py" + "".join(f" --{f.replace('_', '-')}" for f in flags)
+                 "it takes neither --quick nor --oracle")
+    flags = [name for name in ("quick", "evaluate_only", "oracle") if getattr(args, name)]
+    command = "python -m studies.tuning_study" + "".join(f" --{f.replace('_', '-')}" for f in flags)
 
     if args.quick:
         cfg = {"B_coarse": 64, "B_fine": 128, "B_confirm": 256, "B_heldout": 512, "top_k": 3, "confirm": 3,
@@ -675,10 +639,10 @@ def main(argv=None) -> int:
     # 3. acceptance on the held-out mixtures
     table, failures = heldout_check(heldout, chosen, details, cfg, max_rows, previous)
     for nfe in (1, 2):
-        T, q, order, *_ = chosen[nfe]
+        setting = chosen[nfe]
         record = {k: v for k, v in details[nfe].items() if k not in ("source", "setting")}
-        table[str(nfe)] = {"T": T, "q": q, "order": order, "source": details[nfe]["source"], "heldout": None,
-                           "search": record}
+        table[str(nfe)] = {"T": setting.T, "q": setting.q, "order": setting.order,
+                           "source": details[nfe]["source"], "heldout": None, "search": record}
 
     # 4. optional: each held-out mixture tuned on itself (its own coarse/fine/confirm batches),
     #    scored on its acceptance batch: what any single setting could reach on it.
@@ -690,15 +654,16 @@ def main(argv=None) -> int:
                 r = tune_nfe([p], nfe, cfg, max_rows, tqdm(disable=True))
                 errs = p.rmse(nfe, [r["setting"], published_setting(nfe)], cfg["B_heldout"], SEEDS["heldout"],
                               max_rows)
-                T, q, order = r["setting"]
-                oracle[str(nfe)][p.name] = {"T": T, "q": q, "order": order, "ratio": float(errs[0] / errs[1])}
+                s = r["setting"]
+                oracle[str(nfe)][p.name] = {"T": s.T, "q": s.q, "order": s.order,
+                                            "ratio": float(errs[0] / errs[1])}
 
     runtime = time.time() - start
     report = {
         "config": {
             "command": command, "quick": args.quick, "tuning": list(TUNING), "heldout": list(HELDOUT),
             "batches": {k: cfg[f"B_{k}"] for k in ("coarse", "fine", "confirm", "heldout")}, "seeds": SEEDS,
-            "heldout_batch": cfg["B_heldout"], "t0": T0, "T_ref": T_REF, "tuned_nfes": list(TUNED_NFES),
+            "heldout_batch": cfg["B_heldout"], "t0": T0, "T_ref": T_END, "tuned_nfes": list(TUNED_NFES),
             "grid_nfes": list(GRID_NFES), "grid_rows": cfg["grid_rows"],
             "Ts": list(cfg["Ts"]), "qs": list(cfg["qs"]), "orders": list(cfg["orders"]),
             "top_k": cfg["top_k"], "confirm": cfg["confirm"],
@@ -720,10 +685,6 @@ def main(argv=None) -> int:
     md = markdown(report)
     (out / "tuning_table.md").write_text(md)
     print(md)
-    if args.write_defaults:
-        target = ROOT / "psb_fast" / "tuned_defaults.py"
-        write_defaults({n: chosen[n] for n in range(1, 51)}, command, target)
-        print("wrote", target)
     print(f"runtime {runtime:.0f} s; acceptance {'PASS' if not failures else 'FAIL'}")
     return 0
 
