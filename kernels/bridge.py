@@ -1,4 +1,4 @@
-"""Fused bridge sampling (SPEC §2, §5): x1 -> (m_t = [x_t | v_t], label) in one pass over memory.
+"""Fused bridge sampling (docs/math.md §5.1, §12): x1 -> (m_t = [x_t | v_t], label) in one pass over memory.
 
 Per element, with per-row coefficients (float64 in memory, float32 in registers):
 

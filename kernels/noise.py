@@ -1,4 +1,4 @@
-"""Affine phase update plus 2x2 Gaussian noise, fused, in place (SPEC §3 SDE samplers, §5).
+"""Affine phase update plus 2x2 Gaussian noise, fused, in place (SDE samplers, docs/math.md §9, §12).
 
 One generic kernel serves every stochastic step: with m = [x | v] ([B, 2C, ...], treated as
 [B, 2n] rows) and an optional model output F ([B, C, ...]),

@@ -1,4 +1,4 @@
-"""Fused sampler updates of the phase state m = [x | v] (SPEC §3, §5): one pass over memory each.
+"""Fused sampler updates of m = [x | v] (docs/math.md §7, §8, §12): one pass over memory each.
 
 Layout: m is [B, 2C, ...] (x = m[:, :C], v = m[:, C:]) and is treated as [B, 2n] rows,
 n = C * prod(rest); model outputs F are [B, C, ...], treated as [B, n] rows (any row stride,
