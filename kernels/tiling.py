@@ -2,33 +2,43 @@
 
 Every kernel works on rows: a tensor viewed as [B, n] with unit column stride and any row stride
 (x, F, the label, noise; m = [x | v] is [B, 2n], v at column offset n). A program covers a tile
-of BLOCK_R rows x BLOCK_C columns (`TILES`); the 1-D grid runs over row blocks x column
-blocks, column blocks fastest (program p: row block p // col_blocks,
-column block p % col_blocks), so no element index is ever divided. Program-level offsets (first
-row and column, times strides) are int64 scalars; within a tile the row part is an int64 vector
-over BLOCK_R rows and the column part the int32 range 0..BLOCK_C-1, so no 32-bit product of two
-sizes exists anywhere (checked on the TTIR by compile_check.int32_overflows). Rows have fewer than
-2**31 elements (MAX_ROW); B, row strides, offsets and seeds may be larger.
-With n and the row strides divisible by 16 (Triton specializes on that) each row segment of a
-tile is 16-byte aligned and contiguous: 16-byte loads and stores whatever n is.
+of BLOCK_R rows x BLOCK_C columns (`TILES`); the 1-D grid runs over row blocks x column blocks,
+column blocks fastest (program p: row block p // col_blocks, column block p % col_blocks), so no
+element index is ever divided. Program-level offsets (first row and column, times strides) are
+int64 scalars; within a tile the row part is an int64 vector over BLOCK_R rows and the column
+part the int32 range 0..BLOCK_C-1, so no 32-bit product of two sizes exists anywhere (checked on
+the TTIR by compile_check.int32_overflows). Rows have fewer than 2**31 elements (MAX_ROW); B,
+row strides, offsets and seeds may be larger. With n and the row strides divisible by 16 (Triton
+specializes on that) each row segment of a tile is 16-byte aligned and contiguous: 16-byte loads
+and stores whatever n is.
 
-The tile shape follows the row length (`tile_shape`): one row x 1024 columns when that uses at
-least 7/8 of the lanes, else 64 rows x 16 columns for rows of a multiple of 16 elements (all
-lanes used) and 64 x 2 for other rows (one element per thread; rows of any length at least
-15/16 used unless shorter than 16). 1024-element tiles hold 8 elements per thread: 16-byte
-accesses in every storage dtype. In all three a thread's elements lie in at most two rows (the
-bridge's per-row coefficients cost at most 16 registers per thread), and the per-row vectors of
-a 64-row tile stay below one element per thread, so that Triton does not give their loads a
-layout of their own (and a shared-memory conversion).
+The tile shape follows the row length (`tile_shape`). Rows of a multiple of 16 elements get one
+row x 1024 columns when that uses at least 7/8 of the lanes, else 64 rows x 16 columns (all
+lanes used). Other rows have no 16-byte accesses anyway; they get one row x 1024 columns when
+that uses at least half the lanes (every row of 512 elements or more: whole rows stay
+coalesced), else 64 x 2 (one element per thread, rows at least 15/16 used unless shorter than
+16). 1024-element tiles hold 8 elements per thread: 16-byte accesses in every storage dtype. In
+all three a thread's elements lie in at most two rows (the bridge's per-row coefficients cost at
+most 16 registers per thread), and the per-row vectors of a 64-row tile stay below one element
+per thread, so that Triton does not give their loads a layout of their own (and a shared-memory
+conversion). Under the Triton interpreter the tiles are larger (INTERPRETER_TILE_ELEMENTS).
 """
 
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
 
 TILES = ((1, 1024), (64, 16), (64, 2))  # (BLOCK_R, BLOCK_C)
-MIN_COLUMN_USE = 7 / 8
+MIN_COLUMN_USE = 7 / 8  # of the 1 x 1024 tile's lanes, rows of a multiple of 16 elements
+MIN_COLUMN_USE_UNALIGNED = 1 / 2  # other rows
+# Under the Triton interpreter (CPU tensors, TRITON_INTERPRET=1) every program costs Python-level
+# work per operation, so one tile takes up to this many elements (a power of two): fewer, larger
+# programs. The kernels are generic in the tile shape and their noise does not depend on it.
+# None: the GPU tiles (tests/test_kernels_native.py runs them under the interpreter too).
+INTERPRETER_TILE_ELEMENTS: int | None = 16384
 NUM_WARPS = 4
 MAX_PROGRAMS = 2**31 - 1  # CUDA's grid.x limit
 # Rows have fewer elements than this: n stays a 32-bit kernel argument (B, strides, offsets and
@@ -41,8 +51,12 @@ LAUNCH_OPTIONS = dict(num_warps=NUM_WARPS, enable_fp_fusion=True)
 
 def tile_shape(n: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C) for rows of n elements."""
+    if INTERPRETER_TILE_ELEMENTS and os.environ.get("TRITON_INTERPRET") == "1":
+        cols = min(triton.next_power_of_2(max(n, 1)), INTERPRETER_TILE_ELEMENTS)
+        return INTERPRETER_TILE_ELEMENTS // cols, cols
     wide, aligned, narrow = TILES
-    if n == 0 or n / (triton.cdiv(n, wide[1]) * wide[1]) >= MIN_COLUMN_USE:
+    least = MIN_COLUMN_USE if n % 16 == 0 else MIN_COLUMN_USE_UNALIGNED
+    if n == 0 or n / (triton.cdiv(n, wide[1]) * wide[1]) >= least:
         return wide
     return aligned if n % 16 == 0 else narrow
 

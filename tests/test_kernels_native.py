@@ -44,6 +44,12 @@ SHAPES = {
 SHAPE_IDS = [f"n{math.prod(s[1:])}" for s in SHAPES]
 
 
+@pytest.fixture(autouse=True)
+def gpu_tiles(monkeypatch):
+    """The GPU's tile shapes under the interpreter too (it otherwise takes larger tiles)."""
+    monkeypatch.setattr(tiling, "INTERPRETER_TILE_ELEMENTS", None)
+
+
 def make(shape, dtype, count, seed=0, strided=False):
     """`count` random tensors of `shape` on DEVICE; strided: row-strided slices of wider ones."""
     g = torch.Generator().manual_seed(seed)
