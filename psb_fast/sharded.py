@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bridge import PhaseBridge
+from .checkpoint import write_atomic
 from .sampler import PhaseSampler
 from .seeds import derive_seed
 
@@ -119,7 +120,8 @@ def sample_sharded(
                                                             device=device)
         with torch.no_grad():
             x1 = sampler.sample(model, m0, cond=cond, seed=derive_seed(plan.seed, "noise", k), guide=guide)
-        _write_shard(shard_path(out, k), x1.float().cpu().numpy(), k)
+        x1 = x1.float().cpu().numpy()
+        write_atomic(shard_path(out, k), lambda f, x1=x1, k=k: np.savez(f, x1=x1, chunk=np.int64(k)))
         if rank == 0:
             bar.n = _present(out, plan)
             bar.refresh()
@@ -165,7 +167,8 @@ def _prepare(folder: Path, plan: ShardPlan) -> None:
             raise ValueError(f"{folder} holds shards of another run (differs in {', '.join(changed)}); "
                              f"use another --out or remove {folder}")
     else:
-        _atomic_write(path, (json.dumps(plan.to_json(), indent=2) + "\n").encode())
+        text = json.dumps(plan.to_json(), indent=2) + "\n"
+        write_atomic(path, lambda f: f.write(text.encode()))
     for stale in folder.glob("*.tmp-*"):
         stale.unlink(missing_ok=True)
 
@@ -185,24 +188,6 @@ def _complete(path: Path, plan: ShardPlan, k: int) -> bool:
 def _present(out: Path, plan: ShardPlan) -> int:
     """Samples in the shard files present now, on any rank (for the progress bar only)."""
     return sum(len(plan.indices(k)) for k in range(plan.num_chunks) if shard_path(out, k).is_file())
-
-
-def _write_shard(path: Path, x1: np.ndarray, k: int) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, x1=x1, chunk=np.int64(k))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _barrier(world_size: int) -> None:

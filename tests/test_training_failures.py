@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import tiny  # the tiny run config, shared with test_train
 
 from psb_fast import checkpoint, cli, config
 from psb_fast import train as train_module
@@ -21,13 +22,6 @@ from psb_fast.models import make_model
 from psb_fast.train import lr_factor, train
 
 torch.set_num_threads(1)
-
-
-def tiny(out_dir: Path, **changes) -> TrainConfig:
-    base = dict(data="gmm-grid", model="mlp", model_kwargs={"hidden": 16, "depth": 1, "time_dim": 8},
-                batch_size=32, steps=12, warmup_steps=3, lr=3e-3, ema_decay=0.9, log_every=4,
-                ckpt_every=0, eval_samples=0, device="cpu", out_dir=str(out_dir))
-    return TrainConfig(**{**base, **changes})
 
 
 def records(out_dir: Path) -> list[dict]:
