@@ -9,7 +9,8 @@ the sampler's own. Side-by-side medians of interleaved runs in one process, NFE 
      one in-place multistep update of x and v per step with precomputed coefficients, then the hop;
    - "PhaseSampler": `PhaseSampler(...).sample` (backend "cpu"), with its checks (arguments once
      per call; finiteness of every model output and state; the multistep history's version
-     counters) and hooks;
+     counters) and hooks; and the same with variant "multistep-corrector" (one more fused update
+     per step, docs/math.md §7.4);
    - "peer loop": diffusers' DPMSolverMultistepScheduler (DPM-Solver++(2M), the same kind of
      2nd-order multistep) stepping a state of the same size with the same zero model, if
      `diffusers` is installed (the `bench` extra); "-" otherwise.
@@ -106,6 +107,8 @@ def overhead_table(nfe: int, reps: int) -> list[dict]:
     """
     bridge = PhaseBridge()
     sampler = PhaseSampler(bridge, nfe, T=T_HOP, order=ORDER, grid="rev-quad", backend="cpu")
+    corrected = PhaseSampler(bridge, nfe, T=T_HOP, order=ORDER, grid="rev-quad", backend="cpu",
+                             variant="multistep-corrector")
     peer = peer_loop(nfe)
     rows = []
     for shape in LEAN_SHAPES:
@@ -114,14 +117,16 @@ def overhead_table(nfe: int, reps: int) -> list[dict]:
         lean = lean_loop(zero_model, m0, plan)
         assert torch.allclose(sampler.sample(zero_model, m0), lean, atol=1e-5), "the loops disagree"
         fns = {"lean": lambda m0=m0, plan=plan: lean_loop(zero_model, m0, plan),
-               "ours": lambda m0=m0: sampler.sample(zero_model, m0)}
+               "ours": lambda m0=m0: sampler.sample(zero_model, m0),
+               "corrector": lambda m0=m0: corrected.sample(zero_model, m0)}
         inner = max(1, round(2e-3 / median_time(fns["ours"], warmup=2, reps=3)))
         ms = {name: s * 1e3 for name, s in interleaved_medians(fns, warmup=2, reps=reps, inner=inner).items()}
         peer_ms = None
         if peer is not None:
             peer_ms = median_time(lambda m0=m0: peer(m0), warmup=1, reps=max(3, reps // 4)) * 1e3
         rows.append({"shape": list(shape), "lean_ms": ms["lean"], "phase_sampler_ms": ms["ours"],
-                     "ratio": ms["ours"] / ms["lean"], "peer_ms": peer_ms})
+                     "ratio": ms["ours"] / ms["lean"], "corrector_ms": ms["corrector"],
+                     "corrector_ratio": ms["corrector"] / ms["lean"], "peer_ms": peer_ms})
     return rows
 
 
@@ -193,14 +198,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"sample() with a zero model, NFE {args.nfe}, {torch.get_num_threads()} torch threads, "
           f"median of {args.reps} interleaved runs")
-    print("| m0 shape | lean loop (ms) | PhaseSampler (ms) | ratio | peer loop (ms): diffusers "
-          "DPM-Solver++(2M) |")
-    print("|---|---|---|---|---|")
+    print("| m0 shape | lean loop (ms) | PhaseSampler (ms) | ratio | PhaseSampler, multistep-corrector "
+          "(ms) | ratio | peer loop (ms): diffusers DPM-Solver++(2M) |")
+    print("|---|---|---|---|---|---|---|")
     for row in overhead_table(args.nfe, args.reps):
         peer = "-" if row["peer_ms"] is None else f"{row['peer_ms']:.2f}"
         shape = f"{row['shape'][0]} x {row['shape'][1:]}"
         print(f"| {shape} | {row['lean_ms']:.3f} | {row['phase_sampler_ms']:.3f} | {row['ratio']:.2f}x "
-              f"| {peer} |")
+              f"| {row['corrector_ms']:.3f} | {row['corrector_ratio']:.2f}x | {peer} |")
     if args.no_published:
         return
 

@@ -5,9 +5,9 @@
 #      and storage dtype against float64 math; the Philox stream's golden values, the same numbers
 #      as under the interpreter), tests/test_bridge_sample.py (the fused data path against the
 #      reference, noise statistics, chunking) and tests/test_cuda_graph.py (capture and replay).
-#      tests/test_step.py and tests/test_noise.py run their "triton" cases on CPU tensors (interpreter
-#      only) and are left to CI; tests/test_kernel_compile.py needs no GPU (CI compiles every
-#      configuration for sm_80 / sm_90 there).
+#      tests/test_phase_step.py and tests/test_sde_step.py run their "triton" cases on CPU tensors
+#      (interpreter only) and are left to CI; tests/test_kernel_compile.py needs no GPU (CI compiles
+#      every configuration for sm_80 / sm_90 there).
 #   2. the benchmark suite's kernel and training parts (stage limit SUITE_LIMIT_S): the roofline
 #      (achieved GB/s of bridge_sample, phase_step and the exact SDE step vs the measured device copy
 #      bandwidth, against eager and torch.compile'd reference formulations) and optimizer steps/s

@@ -1,13 +1,10 @@
 """Peer samplers driven by exact Gaussian-mixture drifts: VP diffusion, flow matching and CLD.
 
 Every peer's network target is a posterior expectation under a linear-Gaussian corruption of the
-data, so for an isotropic mixture sum_k pi_k N(mu_k, s_k^2 I) it has a closed form (the peers'
-counterpart of `psb_fast.oracles.GaussianMixture.drift`). For an observation y = a x + sigma z
-(z ~ N(0, I), a and sigma per row):
-
-    y | k ~ N(a mu_k, D_k I),   D_k = a^2 s_k^2 + sigma^2
-    log r_k = log pi_k - dim/2 log D_k - |y - a mu_k|^2 / (2 D_k) + const
-    E[x | y] = sum_k r_k (sigma^2 mu_k + a s_k^2 y) / D_k
+data, so for a Gaussian mixture it has a closed form (the peers' counterpart of
+`psb_fast.oracles.GaussianMixture.drift`): for an observation y = a x + sigma z (z ~ N(0, I)),
+y / a = x + (sigma / a) z, so E[x | y] = mix.denoise(y / a, a^2 / sigma^2), the mixture's exact
+denoiser (`GaussianMixture.denoise`, the one home of the mixture posterior).
 
 Peers (each with its own prior draw; all tensors float64, x of shape [B, D]):
 
@@ -61,26 +58,17 @@ def _check_nfe(nfe: int, low: int = 1) -> int:
     return nfe
 
 
-def _responsibilities(
-    mix: GaussianMixture, y: torch.Tensor, a: float, sigma: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior component weights r [B, K] and D_k = a^2 s_k^2 + sigma^2 [K] for y = a x + sigma z."""
-    means, stds = mix.means.to(y.device), mix.stds.to(y.device)
-    var = a * a * stds**2 + sigma * sigma
-    centre = a * means
-    sq = ((y * y).sum(1, keepdim=True) - 2 * y @ centre.T + (centre * centre).sum(1)).clamp_min(0.0)
-    logits = torch.log(mix.weights.to(y.device)) - 0.5 * mix.dim * torch.log(var) - 0.5 * sq / var
-    return torch.softmax(logits, dim=1), var
-
-
 def mixture_posterior_mean(mix: GaussianMixture, y: torch.Tensor, a: float, sigma: float) -> torch.Tensor:
-    """E[x | y] for y = a x + sigma z, x ~ mix, z ~ N(0, I); y: [B, D]; a, sigma > 0 scalars. [B, D]."""
+    """E[x | y] for y = a x + sigma z, x ~ mix, z ~ N(0, I); y: [B, D]; a, sigma > 0 scalars. [B, D].
+
+    = mix.denoise(y / a, a^2 / sigma^2); a = 0 (y carries no information) gives the prior mean.
+    """
     y = _check_state("y", y, mix.dim)
     if not (math.isfinite(a) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"a must be finite and sigma > 0, got a={a}, sigma={sigma}")
-    r, var = _responsibilities(mix, y, a, sigma)
-    stds2 = mix.stds.to(y.device) ** 2
-    return (r * sigma * sigma / var) @ mix.means.to(y.device) + y * (r * a * stds2 / var).sum(1, keepdim=True)
+    if a == 0:
+        return mix.denoise(torch.zeros_like(y), 0.0)
+    return mix.denoise(y / a, (a / sigma) ** 2)
 
 
 # ---------------------------------------------------------------------------------------------- VP
@@ -187,11 +175,12 @@ def fm_model(mix: GaussianMixture) -> PeerModel:
         x = _check_state("x", x, mix.dim)
         if t <= 0.0:  # x_0 = z carries no information on x1
             return mix.weights.to(x.device) @ mix.means.to(x.device) - x
-        r, var = _responsibilities(mix, x, t, 1.0 - t)
-        stds2 = mix.stds.to(x.device) ** 2
-        return (r * (1 - t) / var) @ mix.means.to(x.device) - x * (r * (1 - t - t * stds2) / var).sum(
-            1, keepdim=True
-        )
+        if t >= 1.0:  # x_1 = x1: E[x1 - z | x1] = x1
+            return x.clone()
+        # x / t = x1 + ((1 - t) / t) z; with y = x / t, E[x1 | x] = y + res and the velocity is
+        # (E[x1 | x] - x) / (1 - t) = res / (1 - t) + y (res small and exact as t -> 1).
+        res = mix.denoise(x / t, (t / (1 - t)) ** 2, residual=True)
+        return res / (1 - t) + x / t
 
     return model
 
@@ -294,9 +283,9 @@ def cld_model(mix: GaussianMixture, cld: CLD) -> PeerModel:
 
     Per coordinate (x_t, v_t) | x0 ~ N(c x0, Sigma) with L = chol(Sigma); whitening w = L^-1 u,
     q = L^-1 c reduces it to y = (q.w) / |q|^2 = x0 + z / |q| (the oracle's construction), so
-    x0_hat = E[x0 | u] = mixture_posterior_mean(y, 1, 1/|q|) and the score is
-    -(Sigma^-1 (u - c x0_hat))_v = -eps_v / Lvv, eps = w - q x0_hat; the part of w orthogonal to q
-    is formed from (c_x v - c_v x) / (Lxx Lvv) without cancellation.
+    x0_hat = E[x0 | u] = mix.denoise(y, |q|^2) and the score is -(Sigma^-1 (u - c x0_hat))_v =
+    -eps_v / Lvv, eps = w - q x0_hat; the part of w orthogonal to q is formed from
+    (c_x v - c_v x) / (Lxx Lvv) and x0_hat - y by `denoise(..., residual=True)`, without cancellation.
     """
 
     def model(u: torch.Tensor, t: float) -> torch.Tensor:
@@ -312,9 +301,9 @@ def cld_model(mix: GaussianMixture, cld: CLD) -> PeerModel:
         wx = x / lxx
         wv = (v - lxv * wx) / lvv
         y = (qx * wx + qv * wv) / prec
-        x0_hat = mixture_posterior_mean(mix, y, 1.0, 1.0 / math.sqrt(prec))
+        shift = mix.denoise(y, prec, residual=True)  # x0_hat - y
         nw_over_prec = (cx * v - cv * x) / (lxx * lvv * prec)
-        eps_v = qx * nw_over_prec - qv * (x0_hat - y)
+        eps_v = qx * nw_over_prec - qv * shift
         return -eps_v / lvv
 
     return model

@@ -9,7 +9,9 @@ Parts (each runs even if another fails; a failure is recorded in results.json, n
   measured copy bandwidth;
 - sampler: samples/s vs NFE and batch, PhaseSampler vs the published-way loop (bench_throughput);
 - training: steps/s, fused vs reference data path, toy and digits (bench_throughput);
-- quality: NFE vs quality against peer samplers (bench_quality.run_quality).
+- quality: NFE vs quality against peer samplers (bench_quality.run_quality);
+- real_peers: diffusers and k-diffusion samplers on exact denoisers of generated test problems
+  (real_peers.suite_part; real_peers.json).
 On CUDA each part is wrapped in GPU telemetry (telemetry.GpuTelemetry); without a GPU the suite
 says so and runs on the CPU.
 
@@ -35,13 +37,15 @@ from types import ModuleType
 
 import torch
 
-from . import bench_bridge, bench_noise, bench_step, bench_throughput
+from . import bench_bridge_sample, bench_phase_step, bench_sde_step, bench_throughput
 from ._timing import TABLE_HEADER, copy_bandwidth, format_row, interleaved_medians, synchronizer
 from .bench_throughput import figure
 from .telemetry import GpuTelemetry, open_nvml
 
 KERNEL_OPS: dict[str, ModuleType] = {
-    "bridge_sample": bench_bridge, "phase_step q=3": bench_step, "sde_step exact": bench_noise,
+    "bridge_sample": bench_bridge_sample,
+    "phase_step q=3": bench_phase_step,
+    "sde_step exact": bench_sde_step,
 }
 KERNEL_SIZES = {  # (device type, mode) -> elements of x per case
     ("cpu", "quick"): (10**4, 10**5, 10**6),
@@ -200,8 +204,15 @@ def quality_part(ctx: SuiteContext) -> dict:
     return run_quality(ctx.quick, ctx.out_dir, progress=ctx.progress)
 
 
+def real_peers_part(ctx: SuiteContext) -> dict:
+    from .real_peers import suite_part
+
+    return suite_part(ctx.quick, ctx.out_dir, progress=ctx.progress)
+
+
 PARTS: dict[str, Callable[[SuiteContext], dict]] = {
     "kernels": kernel_part, "sampler": sampler_part, "training": training_part, "quality": quality_part,
+    "real_peers": real_peers_part,
 }
 
 
@@ -336,8 +347,15 @@ def quality_table(result: dict) -> str:
     return render_table(result)
 
 
+def real_peers_table(result: dict) -> str:
+    from .real_peers import render_table
+
+    return render_table(result)
+
+
 TABLES: dict[str, Callable[[dict], str]] = {
     "kernels": kernel_table, "sampler": sampler_table, "training": training_table, "quality": quality_table,
+    "real_peers": real_peers_table,
 }
 PLOTS: dict[str, tuple[str, Callable[[list[dict], Path], None]]] = {
     "kernels": ("kernel_bandwidth.png", plot_kernels), "sampler": ("sampler_throughput.png", plot_sampler),

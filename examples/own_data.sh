@@ -37,10 +37,9 @@ stage "train ($STEPS steps)" psb-fast train --config "$CONFIG" --no-progress \
     --set model_kwargs.base=32 --set batch_size=64 --set warmup_steps=100 --set lr=2e-3 \
     --set ema_decay=0.995 --set eval_every=0 --set eval_samples=16 --set ckpt_every=200
 stage "sample 64 at NFE 10 (defaults)" psb-fast sample "$WORK/run" --nfe 10 -n 64 --out "$WORK/samples"
-# a narrow search (6 hop times x 2 grid powers, order 2, no refinement: 13 candidates per NFE with
-# the published one); the full default search (about 300 candidates per NFE, then a refinement)
-# takes the better part of an hour for this UNet on a 2-core CPU
-stage "tune NFE 5 10 20" psb-fast tune "$WORK/run" --nfe 5 10 20 -n 128 --T-values 0.4 0.5 0.6 0.7 0.8 0.9 \
-    --q-values 1.5 2 --orders 2 --no-refine --out "$WORK/tuned.json"
+# the default search: 48 settings per NFE around the package defaults (hop time, grid power 1.5 or
+# 2, order 1 or 2, the two corrector variants) plus the defaults and the published settings, then a
+# finer hop time around the best three
+stage "tune NFE 5 10 20" psb-fast tune "$WORK/run" --nfe 5 10 20 -n 128 --out "$WORK/tuned.json"
 stage "sample 64 at NFE 10 (tuned)" psb-fast sample "$WORK/run" --nfe 10 -n 64 --tuned "$WORK/tuned.json" \
     --out "$WORK/samples_tuned"

@@ -1,9 +1,9 @@
 """Every launch configuration of the Triton kernels, produced by calling the wrappers themselves.
 
-`wrapper_calls()` calls each public wrapper of `bridge.py`, `step.py` and `noise.py` once per
-branch that picks a different kernel or constexpr (history length q, model output F or none,
-no noise / in-kernel Philox / supplied noise, xi_x needed or not, drawn or supplied bridge noise),
-for every storage dtype and every layout of `LAYOUTS`. A layout fixes the shapes, and with them
+`wrapper_calls()` calls each public wrapper of `bridge_sample.py`, `phase_step.py` and `sde_step.py`
+once per branch that picks a different kernel or constexpr (history length q, model output F or
+none, no noise / in-kernel Philox / supplied noise, xi_x needed or not, drawn or supplied bridge
+noise), for every storage dtype and every layout of `LAYOUTS`. A layout fixes the shapes, and with them
 what Triton specializes a launch on besides the constexprs: integer arguments' width (i32 or i64,
 the latter for values >= 2**31), divisibility by 16 and the value 1, and pointers' 16-byte
 alignment. `compile_check` runs these calls with the kernel launch intercepted and compiles
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import bridge, noise, step
+from . import bridge_sample, phase_step, sde_step
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BIG_SEED = 2**40 + 12345  # seeds drawn by the package are in [0, 2**62): i64
@@ -102,14 +102,18 @@ def wrapper_calls(layout: Layout, dtype: torch.dtype) -> Iterator[tuple[str, Cal
     def state() -> torch.Tensor:
         return torch.zeros((B, 2 * C, *rest), dtype=dtype, device=dev)
 
-    for q in range(1, step.MAX_HISTORY + 1):
-        yield f"phase_step q={q}", lambda q=q: step.phase_step(
+    for q in range(1, phase_step.MAX_HISTORY + 1):
+        yield f"phase_step q={q}", lambda q=q: phase_step.phase_step(
             state(), _tensors(layout, dtype, q), 0.1, [0.01] * q, [0.02] * q
         )
-    yield "phase_hop", lambda: step.phase_hop(state(), *_tensors(layout, dtype, 1), 0.5, 2.0, 0.3, 0.2, 1.1)
-    yield "phase_hop_sde", lambda: step.phase_hop_sde(state(), *_tensors(layout, dtype, 1), 0.5, 2.0, 0.3)
-    if hasattr(step, "phase_hop_weighted"):
-        yield "phase_hop_weighted", lambda: step.phase_hop_weighted(
+    yield "phase_hop", lambda: phase_step.phase_hop(
+        state(), *_tensors(layout, dtype, 1), 0.5, 2.0, 0.3, 0.2, 1.1
+    )
+    yield "phase_hop_sde", lambda: phase_step.phase_hop_sde(
+        state(), *_tensors(layout, dtype, 1), 0.5, 2.0, 0.3
+    )
+    if hasattr(phase_step, "phase_hop_weighted"):
+        yield "phase_hop_weighted", lambda: phase_step.phase_hop_weighted(
             state(), *_tensors(layout, dtype, 1), 0.4, 0.5, 0.6
         )
 
@@ -122,7 +126,7 @@ def wrapper_calls(layout: Layout, dtype: torch.dtype) -> Iterator[tuple[str, Cal
                 def call(has_f=has_f, chol=chol, given=given):
                     F = _tensors(layout, dtype, 1)[0] if has_f else None
                     xi = tuple(_tensors(layout, torch.float32, 2)) if given else None
-                    return noise.phase_noise_update(
+                    return sde_step.phase_noise_update(
                         state(), F, 0.1, 0.01, 0.02, chol, seed=layout.seed,
                         offset=layout.row_offset * n, xi=xi,
                     )
@@ -131,9 +135,11 @@ def wrapper_calls(layout: Layout, dtype: torch.dtype) -> Iterator[tuple[str, Cal
 
     def bridge_call(draw: bool):
         x1 = _tensors(layout, dtype, 1)[0]
-        coef = torch.zeros((len(bridge.COEF_FIELDS), B), dtype=torch.float64, device=dev)
+        coef = torch.zeros((len(bridge_sample.COEF_FIELDS), B), dtype=torch.float64, device=dev)
         eps = None if draw else tuple(_tensors(layout, torch.float32, 2))
-        return bridge.bridge_sample_triton(x1, coef, seed=layout.seed, row_offset=layout.row_offset, eps=eps)
+        return bridge_sample.bridge_sample_triton(
+            x1, coef, seed=layout.seed, row_offset=layout.row_offset, eps=eps
+        )
 
     yield "bridge_sample_triton drawn noise", lambda: bridge_call(True)
     yield "bridge_sample_triton given eps", lambda: bridge_call(False)

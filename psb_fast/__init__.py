@@ -1,9 +1,10 @@
 """psb_fast: exact math, fused kernels and few-NFE samplers for Phase Stochastic Bridges (AGM)."""
 
 from .bridge import Coefficients, PhaseBridge
-from .sample_bridge import bridge_sample
+from .ops.bridge_sample import bridge_sample
+from .ops.phase_step import phase_hop, phase_step
+from .ops.sde_step import sde_step
 from .sampler import PhaseSampler
-from .stepping import phase_hop, phase_step, sde_step
 from .tuning import tune
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Backend selection and argument checks shared by every op.
 
 Backends: "triton" (CUDA), "cpu" (fused CPU path), "reference" (plain float64 PyTorch,
-`psb_fast.float64_backend`), "auto". The checks here are host-side and O(dims) unless said
+`psb_fast.ops.float64`), "auto". The checks here are host-side and O(dims) unless said
 otherwise: memory overlap of two tensors (so in-place ops can copy an input that aliases their
 output), scalar arguments, and finiteness of tensors.
 
@@ -75,7 +75,7 @@ def require_triton(backend: str) -> None:
 
 
 def kernel_module(name: str) -> ModuleType:
-    """`psb_fast.kernels.<name>` ("bridge", "step", "noise"), imported on first use.
+    """`psb_fast.kernels.<name>` ("bridge_sample", "phase_step", "sde_step"), imported on first use.
 
     Only the "triton" backend calls this (after `resolve_backend`), so Triton is imported when
     that backend is first used and never by `import psb_fast`.

@@ -23,6 +23,7 @@ import torch
 
 from .config import default_config_toml, keys_help
 from .grids import GRID_NAMES, parse_grid
+from .settings import VARIANTS
 
 GRID_CHOICES = GRID_NAMES
 DEFAULT_CHUNK = 1000  # samples per shard of `psb-fast sample` (psb_fast.sharded)
@@ -82,7 +83,7 @@ def _sampler(trained, args: argparse.Namespace):
         return PhaseSampler.from_tuned(args.tuned, trained.bridge, args.nfe, solver=solver,
                                        backend=args.backend)
     return PhaseSampler(trained.bridge, args.nfe, T=args.T, order=args.order, grid=args.grid,
-                        hop=not args.no_hop, solver=solver, backend=args.backend)
+                        hop=not args.no_hop, solver=solver, backend=args.backend, variant=args.variant)
 
 
 def _labels(trained, args: argparse.Namespace, n: int, device: torch.device) -> torch.Tensor | None:
@@ -224,12 +225,14 @@ def _tune(args: argparse.Namespace) -> int:
     m0 = trained.prior(args.num, seed=args.seed, device=device)
     with torch.no_grad():
         result = tune(trained.model, trained.bridge, args.nfe, m0, Ts=args.T_values, qs=args.q_values,
-                      orders=args.orders, reference_nfe=args.reference_nfe, refine=not args.no_refine)
+                      orders=args.orders, variants=args.variants, reference_nfe=args.reference_nfe,
+                      refine=not args.no_refine)
     save_tuned(result, args.out)
-    print(f"{'NFE':>4} {'T':>8} {'q':>6} {'order':>5} {'RMSE':>10} {'published':>10}")
+    print(f"{'NFE':>4} {'T':>8} {'q':>6} {'order':>5} {'variant':>20} {'RMSE':>10} {'defaults':>10} "
+          f"{'published':>10}")
     for nfe, r in sorted(result.items()):
-        print(f"{nfe:>4} {r['T']:>8.4f} {r['q']:>6.3f} {r['order']:>5} {r['rmse']:>10.3e} "
-              f"{r.get('published_rmse', float('nan')):>10.3e}")
+        print(f"{nfe:>4} {r['T']:>8.4f} {r['q']:>6.3f} {r['order']:>5} {r.get('variant', 'multistep'):>20} "
+              f"{r['rmse']:>10.3e} {r['default_rmse']:>10.3e} {r['published_rmse']:>10.3e}")
     print(f"saved {args.out}; load with PhaseSampler.from_tuned({str(args.out)!r}, bridge, nfe)")
     return 0
 
@@ -299,11 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=_grid, default=None, metavar="|".join(GRID_CHOICES),
                    help="time grid: tuned, the published rev-quad (power 2), uniform, or power-<q> for any "
                         "q > 0, e.g. power-1.5 (default: the tuned defaults)")
+    p.add_argument("--variant", choices=VARIANTS, default=None,
+                   help="ode solver variant (default: the tuned defaults' with none of --T/--order/--grid, "
+                        "else multistep, the published update)")
     p.add_argument("--no-hop", action="store_true", help="integrate to t = 0.999 instead of hopping")
     p.add_argument("--solver", choices=("ode", "sde", "em", "sscs"), default=None,
                    help="sampler (default: ode for probODE models, sde for SDE models)")
     p.add_argument("--backend", default="auto", help="fused-op backend: auto | triton | cpu | reference")
-    p.add_argument("--tuned", help="settings JSON from `psb-fast tune` (overrides --T/--order/--grid)")
+    p.add_argument("--tuned",
+                   help="settings JSON from `psb-fast tune` (overrides --T/--order/--grid/--variant)")
     p.add_argument("--label", type=int, default=None, help="class label for a conditional model")
     p.add_argument("--stroke", help=".npy stroke of one data point's shape (-1 = unknown, for inpaint)")
     p.add_argument("--stroke-mode", choices=("dyn-v", "init-v", "inpaint"), default=None,
@@ -321,10 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(p)
     p.set_defaults(num=512)
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20], help="NFEs to tune")
-    p.add_argument("--reference-nfe", type=int, default=200, help="NFE of the model's own reference solve")
-    p.add_argument("--T-values", type=float, nargs="+", default=None, help="hop times to search")
-    p.add_argument("--q-values", type=float, nargs="+", default=None, help="grid orders q to search")
-    p.add_argument("--orders", type=int, nargs="+", default=None, help="solver orders to search (1..3)")
+    p.add_argument("--reference-nfe", type=int, default=400,
+                   help="NFE of the model's own reference solve (order-3 corrector to t = 0.999)")
+    p.add_argument("--T-values", type=float, nargs="+", default=None,
+                   help="hop times to search (default: 6 around the package default's T per NFE)")
+    p.add_argument("--q-values", type=float, nargs="+", default=None,
+                   help="grid powers q to search (default: 1.5 2)")
+    p.add_argument("--orders", type=int, nargs="+", default=None,
+                   help="solver orders to search (0..3; default: 1 2)")
+    p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                   help="solver variants to search (default: multistep-corrector data-corrector)")
     p.add_argument("--no-refine", action="store_true",
                    help="only the search grid (T x q x order), no finer search around its best settings")
     p.add_argument("--out", default="tuned.json", help="settings JSON to write")

@@ -1,30 +1,29 @@
 """The per-NFE sampler defaults: the data file psb_fast/defaults.json, read and checked here.
 
-`PhaseSampler(bridge, nfe)` (probability flow with the hop) takes T, order and grid from
-`default_setting(nfe)`. The file is data, written by one command from the studies' results
-(never by hand; studies/ is in the repository, not in the package):
+`PhaseSampler(bridge, nfe)` (probability flow with the hop) takes T, order, grid and solver
+variant from `default_setting(nfe)`. The file is data, written by one command from the defaults
+study's results (never by hand; studies/ is in the repository, not in the package):
 
-    python -m studies.make_defaults          # benchmarks/results/tuning*.json -> psb_fast/defaults.json
+    python -m studies.make_defaults    # benchmarks/results/defaults_study/*.json -> psb_fast/defaults.json
 
-Schema ("format": "psb_fast.defaults/1"):
+Schema ("format": "psb_fast.defaults/2"):
 
     {"format": ..., "command": <the command above>, "about": <text>,
-     "stages": {<stage>: {"results", "command", "problems": [names], "scores": <what the numbers are>}},
+     "stages": {<stage>: {"results", "command", "problems", "scores": <what the numbers are>}},
      "entries": {"<nfe>": {
          "setting": {"T", "q", "order", "fractions" (list or null), "variant"},   # psb_fast.settings.Setting
          "source": "tuned" | "published",        # published: equal to published_setting(nfe)
-         "stage": "mixture" | "trained" | "joint",   # the study that set this entry
-         "pick": <how that study picked it, e.g. "searched", "interpolated", "published">,
-         "scores": {<stage>: {"ratios": {<problem>: RMSE / published RMSE}, ...}}}}}
+         "stage": "search",                      # the study stage that chose the setting
+         "pick": <how, e.g. "searched", "interpolated", "interpolated (alternate)", "fallback: published">,
+         "scores": {"search": {...}, "validate": [...], "trained": [...]}}}}
 
-Stages: "mixture" = the search on exact-drift Gaussian mixtures (studies/tuning_study.py), "trained"
-= the check on trained models that replaces a searched entry by the published setting where it
-loses (studies/tuning_trained.py), "joint" = the search on mixtures and trained models together
-(studies/tuning_joint.py). Entries cover NFE 1..N without gaps; an NFE above N uses entry N's T, q
-and order on the power-q grid. A "published" entry must equal published_setting(nfe) (T to 1e-9,
-the rest exactly) and then is that setting exactly (T = published_T(nfe), e.g. 0.8200000000000001
-at NFE 16, stored as 0.82). The file is checked when read: a malformed one raises ValueError naming
-the entry and the field.
+Stages (studies/defaults_study.py): "search" scores candidates at anchor NFEs on generated
+exact-drift problems of the tune split; "validate" checks each NFE's pick and its alternate on the
+validate split; "trained" checks them on trained models. Entries cover NFE 1..N without gaps; an
+NFE above N uses entry N's T, q, order and variant on the power-q grid. A "published" entry must
+equal published_setting(nfe) (T to 1e-9, the rest exactly) and then is that setting exactly (T =
+published_T(nfe), e.g. 0.8200000000000001 at NFE 16, stored as 0.82). The file is checked when
+read: a malformed one raises ValueError naming the entry and the field.
 """
 
 from __future__ import annotations
@@ -40,10 +39,10 @@ import torch
 
 from .settings import Setting, published_setting
 
-FORMAT = "psb_fast.defaults/1"
+FORMAT = "psb_fast.defaults/2"
 PATH = Path(__file__).with_name("defaults.json")
 SOURCES = ("tuned", "published")
-STAGES = ("mixture", "trained", "joint")
+STAGES = ("search",)
 ENTRY_KEYS = ("setting", "source", "stage", "pick", "scores")
 
 

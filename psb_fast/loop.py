@@ -5,13 +5,14 @@
     for i = 0 .. nfe - 1:
         hooks.before_eval(i, m)          # e.g. SSCS's first half step, a guidance velocity redraw
         F_i = evaluate(i, m)             # the model at t_i, checked (`ModelCall`)
+        correct(i, m, F_i)               # corrector variants only: step i - 1 redone with F_i
         hooks.after_eval(i, m, F_i)      # e.g. progress, callback, trajectory
         if i == n_steps: stop            # with the hop the last evaluation is at T: no step after it
         step(i, m, F_i)                  # m_{i+1} from m_i and F_i, F_{i-1}, ... (`Multistep`, SDE steps)
         hooks.after_step(i, m)           # e.g. the state's finiteness check
 
 and returns the last output, from which the caller takes the hop (x1 = a_F F + a_x x + a_v v at
-T). PhaseSampler runs it on a float32 state with the fused steps of `psb_fast.stepping` (scalar
+T). PhaseSampler runs it on a float32 state with the fused steps of `psb_fast.ops` (scalar
 coefficients, arguments validated once per call); tuning runs it on a float64 batch that stacks
 many settings, each row with its own times, multistep coefficients and hop weights
 (`multistep_rows`, `hop_rows`). Both use the checked model call (`ModelCall`) and the multistep
@@ -54,18 +55,22 @@ def integrate(
     nfe: int,
     n_steps: int,
     hooks: Hooks,
+    correct: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Run the sampling loop on m (in place) and return the last model output F_{nfe-1}.
 
     evaluate(i, m) -> F_i: the i-th model evaluation; step(i, m, F_i): step i, in place on m.
     n_steps: nfe - 1 with the hop (the last evaluation, at T, feeds the hop), nfe without it
-    (the last step runs from T to t_end).
+    (the last step runs from T to t_end). correct(i, m, F_i): the solver variant's corrector
+    (`psb_fast.variants`), run right after each evaluation, before the hooks see m.
     """
     F = None
     for i in range(nfe):
         for hook in hooks.before_eval:
             hook(i, m)
         F = evaluate(i, m)  # F_i = F_theta(m_i, t_i)
+        if correct is not None:
+            correct(i, m, F)  # corrector variants: step i - 1 redone with F_i (no extra evaluation)
         for hook in hooks.after_eval:
             hook(i, m, F)
         if i == n_steps:  # t_i = T: the hop follows
@@ -148,18 +153,18 @@ class Multistep:
 
     rows[i] = (t_i, h_i, Cx_i, Cv_i): the step's time (for messages; None for per-row times) and
     coefficients, q + 1 of each; update(m, F_hist, h, Cx, Cv) applies them in place (a fused
-    `psb_fast.stepping` op, or `multistep_rows`). Outputs kept from earlier steps are checked
+    `psb_fast.ops.phase_step`, or `multistep_rows`). Outputs kept from earlier steps are checked
     unchanged through torch's version counter (`check_history`): a model that writes into an
     output it returned earlier would otherwise corrupt the update silently.
     """
 
     def __init__(self, rows: Sequence[tuple], order: int, update: Callable[..., object]) -> None:
         self.rows, self.order, self.update = rows, order, update
-        self.history: list[tuple[int, torch.Tensor, int]] = []  # (step, F, F._version), newest first
+        self.history: list[tuple[int, torch.Tensor, int | None]] = []  # (step, F, version), newest first
 
     def __call__(self, i: int, m: torch.Tensor, F: torch.Tensor) -> None:
         history = self.history
-        history.insert(0, (i, F, F._version))
+        history.insert(0, (i, F, version_of(F)))
         del history[self.order + 1 :]
         t, h, Cx, Cv = self.rows[i]
         check_history(history, i, t)
@@ -240,11 +245,17 @@ def raise_first_nonfinite(finite: list[tuple]) -> None:
         raise ValueError(NONFINITE[kind[0] if kind else "model"].format(i=i, t=t))
 
 
+def version_of(t: torch.Tensor) -> int | None:
+    """torch's version counter of t, or None for an inference tensor (made under
+    torch.inference_mode, which keeps no counter: its in-place writes cannot be detected)."""
+    return None if t.is_inference() else t._version
+
+
 def check_history(history: Sequence[tuple[int, torch.Tensor, int]], i: int, t: float | None) -> None:
     """Raise if an earlier model output the multistep still reads was written in place since it
     was returned (torch's version counter moved): a model that reuses its output buffer."""
     for j, F_j, version in history[1:]:
-        if F_j._version != version:
+        if version is not None and F_j._version != version:
             at = "" if t is None else f" (t={t:.6g})"
             raise ValueError(
                 f"model output of step {j} was overwritten in place before the update at step {i}"

@@ -25,9 +25,12 @@ from .hooks import Guidance, record_trajectory, report_to
 from .loop import Hooks, ModelCall, check_finite, integrate
 from .loop import raise_first_nonfinite as _raise_first_nonfinite
 from .multistep import MultistepCoefficients, multistep_coefficients
+from .ops.phase_step import _phase_step_unchecked
 from .settings import PUBLISHED_ORDER, PUBLISHED_T, T_END, Setting, published_setting, published_T
 from .solvers import graph_noise, make_plan, seeded_noise, solver_step, sscs_first_half
 from .tuning import load_tuned
+from .variant_tables import VariantTables, variant_tables
+from .variants import VARIANTS, VariantSteps, scalar_rows, variant_form
 
 SOLVERS = ("ode", "sde", "em", "sscs")
 GRIDS = GRID_NAMES
@@ -49,6 +52,14 @@ def _cached_coefficients(
     )
 
 
+@lru_cache(maxsize=64)
+def _cached_variant_tables(
+    bridge_key: tuple, grid: tuple[float, ...], order: int, t_end: float | None, form: str
+) -> VariantTables:
+    grid_t = torch.tensor(grid, dtype=torch.float64)
+    return variant_tables(PhaseBridge(*bridge_key), grid_t, order, form, t_end)
+
+
 class PhaseSampler:
     """Few-NFE sampler for a model F = model(m, t[, cond]) trained on `bridge`.
 
@@ -59,14 +70,19 @@ class PhaseSampler:
     "rev-quad", "uniform", "power-<q>", or the nfe grid times themselves (an increasing sequence
     from t0 to T). hop: a bool, output the x1 estimate at T instead of x at 0.999.
     solver: "ode" (probODE models), or "sde" (exact noise), "em", "sscs" (SDE models).
+    variant: the "ode" solver's variant (docs/math.md §7.4, psb_fast.variants): "multistep" (the
+    published F-form multistep), "data" (extrapolates the hop's x1 estimate), "multistep-corrector"
+    or "data-corrector" (plus a UniPC-style corrector that reuses the next evaluation).
     backend: "auto", "triton", "cpu" or "reference". cuda_graph: on CUDA, capture the whole
     loop (model included; it must be capturable: no host syncs, static shapes) in a CUDA graph
     on the first sample() call per (model, cond, m0 shape/dtype/device) and replay it after.
 
     Defaults (None): with solver="ode" and hop=True, T, order and grid take the per-NFE
     package defaults, `psb_fast.defaults.default_setting(nfe)` (psb_fast/defaults.json;
-    benchmarks/results/tuning_table.md); otherwise T is the published one (hop) or 0.99 (no hop),
-    order 2 ("ode") and grid "rev-quad". order=2, grid="rev-quad" and T=published_T(nfe), i.e.
+    benchmarks/results/defaults_study/); otherwise T is the published one (hop) or 0.99 (no hop),
+    order 2 ("ode") and grid "rev-quad". variant=None is the default's variant when T, order and
+    grid are all None (and solver="ode", hop=True), else "multistep". order=2, grid="rev-quad",
+    T=published_T(nfe) and variant="multistep", i.e.
     `**psb_fast.settings.published_setting(nfe).sampler_kwargs()`, reproduce the published sampler.
 
     Every argument is checked here, before any table is built (ValueError for bad values,
@@ -86,6 +102,7 @@ class PhaseSampler:
         solver: str = "ode",
         backend: str = "auto",
         cuda_graph: bool = False,
+        variant: str | None = None,
     ) -> None:
         if not isinstance(bridge, PhaseBridge):
             raise TypeError(f"bridge must be a PhaseBridge, got {type(bridge).__name__}")
@@ -104,9 +121,16 @@ class PhaseSampler:
         t0 = real_scalar("t0", t0)
         if not (math.isfinite(t0) and 0 <= t0 < 1):
             raise ValueError(f"t0 must be in [0, 1), got {t0!r}")
+        tuned = solver == "ode" and hop
+        if variant is None:
+            fully_default = tuned and T is None and order is None and grid is None
+            variant = default_setting(nfe).variant if fully_default else VARIANTS[0]
+        if not isinstance(variant, str) or variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if variant != VARIANTS[0] and solver != "ode":
+            raise ValueError(f"variant={variant!r} applies to solver='ode' only, got solver={solver!r}")
         if T is not None:
             T = real_scalar("T", T)
-        tuned = solver == "ode" and hop
         explicit = grid is not None and not isinstance(grid, str)
         if explicit:
             times = explicit_grid(grid, nfe, float(t0))
@@ -127,7 +151,7 @@ class PhaseSampler:
         if grid is None:
             grid = "tuned" if tuned else PUBLISHED_GRID
         self.bridge, self.nfe, self.T, self.t0 = bridge, nfe, float(T), float(t0)
-        self.order, self.hop = order, bool(hop)
+        self.order, self.hop, self.variant = order, bool(hop), variant
         self.grid_kind = "explicit" if explicit else grid
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
@@ -141,6 +165,11 @@ class PhaseSampler:
         )
         # The loop's per-step scalars and hop weights, float64, once (psb_fast.solvers.StepPlan).
         self._plan = make_plan(bridge, self.grid, self.coefficients, solver, order)
+        self._variant_rows = None
+        if variant != VARIANTS[0]:
+            form, corrector = variant_form(variant)
+            tables = _cached_variant_tables(bridge.key(), tuple(self.grid.tolist()), order, t_end, form)
+            self._variant_rows = scalar_rows(tables, order, corrector)
 
     @classmethod
     def from_tuned(cls, path: str | os.PathLike, bridge: PhaseBridge, nfe: int, **kwargs) -> PhaseSampler:
@@ -148,7 +177,7 @@ class PhaseSampler:
 
         path: the JSON written by psb_fast.tuning.save_tuned; kwargs: the other constructor
         arguments (t0, backend, ...; not T, order or grid, which come from the file)."""
-        for key in ("T", "order", "grid"):
+        for key in ("T", "order", "grid", "variant"):
             if key in kwargs:
                 raise ValueError(f"from_tuned takes {key} from the file; do not pass {key}={kwargs[key]!r}")
         entries = load_tuned(path)
@@ -156,13 +185,14 @@ class PhaseSampler:
             raise ValueError(f"nfe={nfe!r} is not in {os.fspath(path)!r}; tuned NFEs: {sorted(entries)}")
         setting = Setting.from_json(entries[nfe])
         t0 = kwargs.pop("t0", 1e-5)
-        return cls(bridge, nfe, T=setting.T, t0=t0, order=setting.order, grid=setting.grid(nfe, t0), **kwargs)
+        return cls(bridge, nfe, T=setting.T, t0=t0, order=setting.order, grid=setting.grid(nfe, t0),
+                   variant=setting.variant, **kwargs)
 
     def __repr__(self) -> str:
         return (
             f"PhaseSampler(nfe={self.nfe}, T={self.T}, t0={self.t0}, order={self.order}, "
             f"grid={self.grid_kind!r}, hop={self.hop}, solver={self.solver!r}, backend={self.backend!r}, "
-            f"cuda_graph={self.cuda_graph})"
+            f"cuda_graph={self.cuda_graph}, variant={self.variant!r})"
         )
 
     @torch.no_grad()
@@ -191,7 +221,8 @@ class PhaseSampler:
         copy, so the result is that of a model returning copies. The model must not write to m,
         nor to an output it returned earlier that the multistep still reads: such a write is
         caught through torch's version counter (ValueError), except writes that do not bump it
-        (e.g. a CUDA-graph replay into a static output tensor): return a new tensor per call.
+        (e.g. a CUDA-graph replay into a static output tensor, or any write under
+        torch.inference_mode, whose tensors keep no counter): return a new tensor per call.
         model, callback, return_trajectory, progress, seed and guide are checked before the
         first model call. Raises ValueError naming the step when m0, a model output, the state
         after an update or the returned sample holds NaN or Inf (on the CPU at once; on
@@ -247,9 +278,18 @@ class PhaseSampler:
         evaluate = ModelCall(model, cond, self._device_grid(m0.dtype, m0.device, m.shape[0]), m0.dtype, m,
                              finite, plan.t_eval, check_from)
         hooks.after_step.append(partial(_check_state, finite, plan.t_eval, evaluate))
-        step = solver_step(plan, self.solver, self.order, backend, noise, views)
+        correct = None
+        if self._variant_rows is None:
+            step = solver_step(plan, self.solver, self.order, backend, noise, views)
+        else:  # psb_fast.variants: the affine steps, with the corrector when the variant has one
+            form = variant_form(self.variant)[0]
+            steps = VariantSteps(self._variant_rows, self.order, form,
+                                 plan.eval_hop_weights if form == "data" else None, plan.t_eval,
+                                 fused=partial(_phase_step_unchecked, backend=backend, views=views))
+            step, correct = steps.step, steps.correct
         try:
-            F = integrate(m, evaluate=evaluate, step=step, nfe=self.nfe, n_steps=plan.n_steps, hooks=hooks)
+            F = integrate(m, evaluate=evaluate, step=step, nfe=self.nfe, n_steps=plan.n_steps, hooks=hooks,
+                          correct=correct)
         finally:
             if bar is not None:
                 bar.close()

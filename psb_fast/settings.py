@@ -22,9 +22,10 @@ from .grids import check_fractions, grid_name, power_grid
 
 #: End time of sampling without the hop, and of the exact and high-NFE reference solutions.
 T_END = 0.999
-#: Solver variants. "multistep": the exponential multistep update of the network output F
-#: (the F-form, docs/math.md §7.1); a data-prediction form may be added later.
-VARIANTS = ("multistep",)
+#: Solver variants (docs/math.md §7.4, psb_fast.variants): "multistep" extrapolates the network
+#: output F (the published algorithm), "data" the hop's estimate x1_hat; "-corrector" adds the
+#: UniPC-style corrector that reuses the next evaluation.
+VARIANTS = ("multistep", "data", "multistep-corrector", "data-corrector")
 #: Published settings (AGM, CIFAR-10 with hop): NFE -> T; order 2 on the rev-quad grid (q = 2).
 PUBLISHED_T = {5: 0.4, 10: 0.7, 20: 0.9}
 PUBLISHED_Q = 2.0
@@ -109,13 +110,13 @@ class Setting:
         return None if self.fractions is not None else grid_name(self.q)
 
     def sampler_kwargs(self, nfe: int | None = None, t0: float = 1e-5) -> dict:
-        """PhaseSampler arguments T, order and grid (its name; for a free grid the times, which
-        need nfe and t0): `PhaseSampler(bridge, nfe, **setting.sampler_kwargs(nfe))`."""
+        """PhaseSampler arguments T, order, grid (its name; for a free grid the times, which need nfe
+        and t0) and variant: `PhaseSampler(bridge, nfe, **setting.sampler_kwargs(nfe))`."""
         if self.fractions is None:
-            return {"T": self.T, "order": self.order, "grid": self.grid_name}
+            return {"T": self.T, "order": self.order, "grid": self.grid_name, "variant": self.variant}
         if nfe is None:
             raise ValueError("a setting with free grid fractions needs nfe (and t0) for its grid times")
-        return {"T": self.T, "order": self.order, "grid": self.grid(nfe, t0)}
+        return {"T": self.T, "order": self.order, "grid": self.grid(nfe, t0), "variant": self.variant}
 
     def effective(self, nfe: int) -> Setting:
         """The same sampler at this NFE with the order lowered to the most it uses: step i of the

@@ -6,7 +6,7 @@ and one `step(i, m, F_i)` per solver for `psb_fast.loop.integrate`.
 - "sscs": compat SSCS (§9.4): the first half step is a before-evaluation hook (`sscs_first_half`,
   so F is evaluated at the step's midpoint), the step is v += h N F and the second half step.
 
-The steps call the fused ops' unchecked entry points (`psb_fast.stepping._phase_step_unchecked`,
+The steps call the fused ops' unchecked entry points (`psb_fast.ops.phase_step._phase_step_unchecked`,
 ...): the sampler checks its arguments once per sample() call, and every scalar here (multistep
 coefficients, noise factors, normalizers, hop weights) is computed in float64 when the sampler is
 made. Noise: `noise(m, k, kind, t, h) -> (seed, xi)` supplies draw k of a run: a seed for the
@@ -25,14 +25,9 @@ import torch
 from .bridge import Coefficients, PhaseBridge, probode_hop_weights, sde_hop_weights
 from .loop import Hook, Multistep
 from .multistep import MultistepCoefficients
+from .ops.phase_step import _phase_hop_unchecked, _phase_step_unchecked
+from .ops.sde_step import SDEScalars, _sde_scalars, _sde_step_unchecked
 from .seeds import step_seed
-from .stepping import (
-    SDEScalars,
-    _phase_hop_unchecked,
-    _phase_step_unchecked,
-    _sde_scalars,
-    _sde_step_unchecked,
-)
 
 Noise = Callable[[torch.Tensor, int, str, float, float], tuple[int, tuple[torch.Tensor, torch.Tensor] | None]]
 Step = Callable[[int, torch.Tensor, torch.Tensor], None]

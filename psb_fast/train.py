@@ -61,7 +61,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from . import float64_backend as f64
 from .bridge import PhaseBridge
 from .checkpoint import (
     CheckpointMismatch,
@@ -77,7 +76,8 @@ from .config import AUTO_THREADS_SMALL, TrainConfig, config_to_dict, resume_chan
 from .data import DataSource, load_data
 from .distributed import distributed_env, init_group, resolve_device
 from .models import make_model
-from .sample_bridge import bridge_sample
+from .ops import float64 as f64
+from .ops.bridge_sample import bridge_sample
 from .sampler import PhaseSampler
 from .seeds import derive_seed
 
@@ -117,7 +117,7 @@ def training_loss(
     x1: data [B, C, ...]; t: times [B] on x1's device; cond: labels [B] or None (model(m, t) then).
     seed / row_offset: the bridge noise (psb_fast.bridge_sample). weighting: "reciprocal"
     (w = 1/sqrt(1 - t)) or "none" (w = 1). backend "reference" takes the plain float64 PyTorch
-    data path and loss (psb_fast.float64_backend); the others the fused bridge_sample and a
+    data path and loss (psb_fast.ops.float64); the others the fused bridge_sample and a
     float32 loss.
     """
     if weighting not in ("reciprocal", "none"):

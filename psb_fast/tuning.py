@@ -1,25 +1,26 @@
-"""Per-NFE tuning of the probability-flow sampler: hop time T, grid order q, solver order.
+"""Per-NFE tuning of the probability-flow sampler: hop time T, grid power q, solver order, variant.
 
-A setting (`psb_fast.settings.Setting(T, q, order)`) means: the power grid
+A setting (`psb_fast.settings.Setting(T, q, order, fractions, variant)`) means: the power grid
 t_i = (t0^(1/q) + i/(n-1) (T^(1/q) - t0^(1/q)))^q with n = NFE points (q = 2 is the published
-"rev-quad", q = 1 uniform), the exponential multistep update of `order` (0..3) between them, and
-the hop (docs/math.md §8.1) at T. A setting with `fractions` replaces the uniform i/(n-1) by free
-fractions 0 = r_0 < ... < r_{n-1} = 1 (`psb_fast.grids.power_grid`); `optimize_grid` searches them.
-The functions here take Settings, or tuples (T, q, order[, fractions]) (`Setting.coerce`).
+"rev-quad", q = 1 uniform), the update of `order` (0..3) and `variant` (docs/math.md §7.1, §7.4)
+between them, and the hop (docs/math.md §8.1) at T. A setting with `fractions` replaces the
+uniform i/(n-1) by free fractions 0 = r_0 < ... < r_{n-1} = 1 (`psb_fast.grids.power_grid`);
+`optimize_grid` searches them. The functions here take Settings, or tuples (T, q, order[,
+fractions]) (`Setting.coerce`).
 
 `tune` picks, per NFE, the setting with the smallest pathwise RMSE of the sampler's output
-against a high-accuracy solution from the same prior draws (for a user's own model: the
-order-3 sampler at `reference_nfe` on the q = 2 grid to T = 0.999, with the hop). The search
-is coarse-to-fine: the full product Ts x qs x orders on a sub-batch, then the best few and a
-finer T/q neighbourhood of each on the whole batch. The studies (studies/tuning_study.py, ...)
-run the same machinery on exact-drift Gaussian mixtures and trained models to produce the package
-defaults (psb_fast/defaults.json).
+against a high-accuracy solution from the same prior draws (for a user's own model:
+REFERENCE_SETTING at `reference_nfe`). The search is coarse-to-fine: the product Ts x qs x
+orders x variants on a sub-batch, then the best few and a finer T neighbourhood of each on the
+whole batch. The defaults study (studies/defaults_study.py) runs the same machinery on generated
+exact-drift problems and trained models to produce the package defaults (psb_fast/defaults.json).
 
 Every setting of one NFE runs in PhaseSampler's loop (`psb_fast.loop.integrate`), batched: the
 prior batch is repeated once per setting and each row gets its own time (`model(m, t)` with a
-per-row t, as in training) and its own multistep coefficients and hop weights, so a sweep costs
-NFE model calls per chunk of `max_rows` rows. The state is kept in float64 (the model is called
-in m0's dtype); the outputs equal the reference `sample_ode`'s to float64 rounding.
+per-row t, as in training) and its own step tables and hop weights, so a sweep costs NFE model
+calls per chunk of `max_rows` rows (settings of one variant share a chunk). The state is kept in
+float64 (the model is called in m0's dtype); for the multistep variant the outputs equal the
+reference `sample_ode`'s to float64 rounding.
 """
 
 from __future__ import annotations
@@ -34,19 +35,28 @@ import torch
 from tqdm.auto import tqdm
 
 from .bridge import PhaseBridge, probode_hop_weights
+from .defaults import default_setting
 from .loop import Hooks, ModelCall, Multistep, hop_rows, integrate, multistep_rows
 from .multistep import multistep_coefficients
 from .settings import T_END, VARIANTS, Setting, published_setting
+from .variant_tables import VariantTables, variant_tables_many
+from .variants import VariantSteps, variant_form
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-T_MIN, T_MAX = 0.3, 0.995
-#: Coarse hop times: tau = 1 - T log-spaced from 0.7 to 0.005 (ratio ~0.77 per step).
-DEFAULT_TS: tuple[float, ...] = tuple(
-    round(1.0 - (1.0 - T_MIN) * ((1.0 - T_MAX) / (1.0 - T_MIN)) ** (k / 19), 6) for k in range(20)
-)
-DEFAULT_QS: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0)
-DEFAULT_ORDERS: tuple[int, ...] = (1, 2, 3)
+T_MAX = 0.995
+#: Hop-time candidates per NFE: tau = 1 - T of the package default at that NFE times these.
+TAU_FACTORS: tuple[float, ...] = (1.6, 1.25, 1.0, 0.8, 0.64, 0.5)
+DEFAULT_QS: tuple[float, ...] = (1.5, 2.0)
+DEFAULT_ORDERS: tuple[int, ...] = (1, 2)
+#: The corrector variants (docs/math.md §7.4): the least sensitive to their settings.
+DEFAULT_VARIANTS: tuple[str, ...] = ("multistep-corrector", "data-corrector")
+#: The target of `tune`: the order-3 corrector to T_END on the uniform grid, at reference_nfe
+#: (on the demo's trained model NFE 400 is within 2.2e-5 of NFE 1600; the q = 2 grid at NFE 200,
+#: the earlier target, was 2.6e-3 away: `python -m studies.trained_models`).
+REFERENCE_SETTING = Setting(T_END, 1.0, 3, None, "multistep-corrector")
+#: Rows (prior draws x settings) per model call when max_rows is None: ROW_ELEMENTS / numel(x).
+ROW_ELEMENTS = 1 << 20
 FORMAT = "psb_fast.tuned/1"
 
 
@@ -83,6 +93,25 @@ def _setting_tables(bridge: PhaseBridge, nfe: int, settings: Sequence[Setting], 
     return times, h, Cx, Cv, times[:, -1].clone()
 
 
+_VARIANT_TABLES: dict[tuple, VariantTables] = {}
+
+
+def _variant_tables(
+    bridge: PhaseBridge, nfe: int, settings: Sequence[Setting], t0: float
+) -> list[VariantTables]:
+    """`variant_tables` of each setting (one form), the missing ones made in one call, cached."""
+    form = variant_form(settings[0].variant)[0]
+    keys = [(bridge.key(), nfe, float(t0), s.replace(variant=VARIANTS[0]), form) for s in settings]
+    missing = sorted({k for k in keys if k not in _VARIANT_TABLES})
+    if missing:
+        if len(_VARIANT_TABLES) > 20000:
+            _VARIANT_TABLES.clear()
+        grids, orders = [k[3].grid(nfe, t0) for k in missing], [k[3].order for k in missing]
+        made = variant_tables_many(bridge, grids, orders, form)
+        _VARIANT_TABLES.update(zip(missing, made, strict=True))
+    return [_VARIANT_TABLES[k] for k in keys]
+
+
 def run_settings(
     model: Model,
     bridge: PhaseBridge,
@@ -114,13 +143,24 @@ def run_settings(
         raise ValueError("settings must not be empty")
     B = m0.shape[0]
     per_chunk = max(1, (max_rows or B) // B)
-    outs = []
-    for start in range(0, len(settings), per_chunk):
-        chunk = settings[start : start + per_chunk]
-        outs.append(_run_chunk(model, bridge, m0, nfe, chunk, t0))
+    # Settings of one variant share a chunk (one loop); outputs go back in the given order.
+    order_of = sorted(range(len(settings)), key=lambda c: VARIANTS.index(settings[c].variant))
+    outs: list[torch.Tensor | None] = [None] * len(settings)
+    start = 0
+    while start < len(order_of):
+        variant = settings[order_of[start]].variant
+        stop = start
+        while (stop < len(order_of) and stop - start < per_chunk
+               and settings[order_of[stop]].variant == variant):
+            stop += 1
+        chunk = [settings[c] for c in order_of[start:stop]]
+        run = _run_chunk if variant == VARIANTS[0] else _run_variant_chunk
+        for c, out in zip(order_of[start:stop], run(model, bridge, m0, nfe, chunk, t0), strict=True):
+            outs[c] = out
         if on_done is not None:
             on_done(len(chunk))
-    return torch.cat(outs, dim=0)
+        start = stop
+    return torch.stack(outs, dim=0)
 
 
 def _run_chunk(model, bridge, m0, nfe, settings, t0) -> torch.Tensor:
@@ -153,6 +193,49 @@ def _run_chunk(model, bridge, m0, nfe, settings, t0) -> torch.Tensor:
     return x1.reshape(C, B, *x1.shape[1:])
 
 
+def _run_variant_chunk(model, bridge, m0, nfe, settings, t0) -> torch.Tensor:
+    """As `_run_chunk` for settings of one other variant (psb_fast.variants), [C, B, C_x, ...]:
+    `VariantSteps` with per-row tables (orders zero-padded to the largest)."""
+    form, corrector = variant_form(settings[0].variant)
+    tables = _variant_tables(bridge, nfe, settings, t0)
+    C, B = len(settings), m0.shape[0]
+    rows, unit = C * B, (1,) * (m0.dim() - 1)
+    order = max(setting.order for setting in settings)
+    S = max(nfe - 1, 0)
+
+    def per_row(a: torch.Tensor) -> torch.Tensor:  # [C] -> [C B, 1, ...] on m0's device
+        return a.to(m0.device).repeat_interleave(B).reshape(rows, *unit)
+
+    def padded(name: str, width: int) -> torch.Tensor:  # [C, S, 2, width]
+        out = torch.zeros(C, S, 2, width, dtype=torch.float64)
+        for c, tab in enumerate(tables):
+            value = getattr(tab, name)
+            out[c, :, :, : value.shape[-1]] = value
+        return out
+
+    Phi, Cs, Ds = padded("Phi", 2), padded("C", order + 1), padded("D", order + 2)
+    step_rows = []
+    for i in range(S):
+        q = min(i, order)
+        phi = tuple(per_row(Phi[:, i, r, k]) for r in (0, 1) for k in (0, 1))
+        c = [(per_row(Cs[:, i, 0, j]), per_row(Cs[:, i, 1, j])) for j in range(q + 1)]
+        d = None
+        if corrector:
+            d = [(per_row(Ds[:, i, 0, j]), per_row(Ds[:, i, 1, j])) for j in range(q + 2)]
+        step_rows.append((phi, c, d))
+    times = torch.stack([setting.grid(nfe, t0) for setting in settings])  # [C, nfe]
+    co = bridge.coefficients(times)
+    weights = probode_hop_weights(co.normalizer, co.P, co.hop_aa, co.hop_bb, co.hop_den)  # each [C, nfe]
+    hop_at = [tuple(per_row(w[:, i]) for w in weights) for i in range(nfe)]
+    m = m0.detach().to(torch.float64).repeat((C,) + unit)
+    t_rows = torch.stack([per_row(times[:, i]).reshape(rows) for i in range(nfe)]).to(m0.dtype)
+    steps = VariantSteps(step_rows, order, form, hop_at if form == "data" else None)
+    F = integrate(m, evaluate=ModelCall(model, None, t_rows.unbind(0), m0.dtype, m), step=steps.step,
+                  nfe=nfe, n_steps=nfe - 1, hooks=Hooks(), correct=steps.correct)
+    x1 = hop_rows(m, F, hop_at[-1])  # the hop at each row's T, from the (corrected) state
+    return x1.reshape(C, B, *x1.shape[1:])
+
+
 def rmse(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Pathwise RMSE per setting: sqrt(mean over samples and coordinates), [C] float64 (CPU)."""
     diff = outputs.to(torch.float64) - target.to(outputs.device, torch.float64).unsqueeze(0)
@@ -169,11 +252,18 @@ def settings_rmse(
 
 
 def reference_solution(
-    model: Model, bridge: PhaseBridge, m0: torch.Tensor, nfe: int = 200, t0: float = 1e-5,
+    model: Model, bridge: PhaseBridge, m0: torch.Tensor, nfe: int = 400, t0: float = 1e-5,
     max_rows: int | None = None,
 ) -> torch.Tensor:
-    """The high-NFE target: order 3, q = 2 grid to T = 0.999, with the hop. float64 [B, ...]."""
-    return run_settings(model, bridge, m0, nfe, [Setting(T_END, 2.0, 3)], t0, max_rows)[0]
+    """The high-NFE target: REFERENCE_SETTING (order-3 corrector, uniform grid to T = 0.999, with
+    the hop) at `nfe`. float64 [B, ...]."""
+    return run_settings(model, bridge, m0, nfe, [REFERENCE_SETTING], t0, max_rows)[0]
+
+
+def hop_times(nfe: int, factors: Sequence[float] = TAU_FACTORS) -> list[float]:
+    """`tune`'s hop-time candidates at one NFE: 1 - tau f for the package default's tau = 1 - T."""
+    tau = 1.0 - default_setting(nfe).T
+    return sorted({round(1.0 - min(max(tau * f, 1.0 - T_MAX), 0.9), 5) for f in factors})
 
 
 # ----------------------------------------------------------------------------- the search
@@ -183,14 +273,14 @@ def refine_candidates(
     best: Iterable[Setting], Ts: Sequence[float], t0: float = 1e-5,
     t_steps: int = 4, q_step: float = 0.125, q_points: int = 5,
 ) -> list[Setting]:
-    """Finer settings around each of `best`, same order: T between its neighbours in Ts
+    """Finer settings around each of `best`, same order and variant: T between its neighbours in Ts
     (uniform in log(1 - T), t_steps per coarse interval); q + j q_step for the q_points
     values of j centred on 0 (default q, q +- 0.125, q +- 0.25). Power-q grids only (fractions of
     `best` are not carried over)."""
     Ts = sorted({float(T) for T in Ts})
     out: set[Setting] = set()
     for setting in map(Setting.coerce, best):
-        T, q, order = setting.T, setting.q, setting.order
+        T, q = setting.T, setting.q
         k = min(range(len(Ts)), key=lambda i: abs(Ts[i] - T))
         lo = min(Ts[max(k - 1, 0)], T)
         hi = max(Ts[min(k + 1, len(Ts) - 1)], T)
@@ -203,7 +293,7 @@ def refine_candidates(
         for T_c in T_cands:
             for q_c in q_cands:
                 if t0 < T_c < 1 and q_c > 0:
-                    out.add(Setting(T_c, q_c, order))
+                    out.add(setting.replace(T=T_c, q=q_c, fractions=None))
     return sorted(out)
 
 
@@ -279,18 +369,19 @@ def tune(
     Ts: Sequence[float] | None = None,
     qs: Sequence[float] | None = None,
     orders: Sequence[int] | None = None,
-    reference_nfe: int = 200,
+    reference_nfe: int = 400,
+    variants: Sequence[str] | None = None,
     progress: bool = True,
     t0: float = 1e-5,
     refine: bool = True,
-    top_k: int = 4,
+    top_k: int = 3,
     coarse_rows: int | None = 256,
     max_rows: int | None = None,
     target: torch.Tensor | None = None,
     free_grid: bool = False,
 ) -> dict[int, dict]:
-    """Choose (T, q, order[, fractions]) per NFE for `model` by the RMSE against its own high-NFE
-    solution.
+    """Choose (T, q, order, variant[, fractions]) per NFE for `model` by the RMSE against its own
+    high-NFE solution.
 
     model(m, t) -> F as for `PhaseSampler.sample`; m0: a prior batch ([B, 2C, ...], e.g.
     bridge.sample_prior with a fixed generator). Use B >= 1000 where you can: at low NFE the
@@ -298,44 +389,65 @@ def tune(
     exact flow, and with a few hundred rows the search picks settings that happen to spare
     those particular samples (a winner's curse; the tuned gain then fails to reproduce).
 
-    Search: the product Ts x qs x orders (defaults DEFAULT_TS, DEFAULT_QS, DEFAULT_ORDERS) on
-    the first `coarse_rows` rows of m0 (None: all), then, with refine, the `top_k` best and a
-    finer T/q neighbourhood of each (`refine_candidates`) on all of m0; the published setting
-    is a candidate in both stages, so the chosen ratio is <= 1.
-    reference_nfe: NFE of the target solution (order 3, q = 2, T = 0.999, hop); or pass the
-    target itself ([B, C, ...], x1 from the same m0). max_rows: see `run_settings`.
+    Search: the product Ts x qs x orders x variants (defaults: `hop_times(nfe)` around the
+    package default's T, DEFAULT_QS, DEFAULT_ORDERS, DEFAULT_VARIANTS) on the first
+    `coarse_rows` rows of m0 (None: all), then, with refine, the `top_k` best and a finer T/q
+    neighbourhood of each (`refine_candidates`) on all of m0; the published setting and the
+    package default are candidates in both stages, so the chosen RMSE is at most theirs on m0.
+    reference_nfe: NFE of the target solution (REFERENCE_SETTING); or pass the target itself
+    ([B, C, ...], x1 from the same m0). max_rows: see `run_settings` (None: ROW_ELEMENTS / the
+    number of elements of one data point, at least len(m0)).
     free_grid: then, for NFE >= 3, move T and every grid node (`optimize_grid` on the log-RMSE
     over all of m0) and add the "fractions" of the grid; this fits nfe parameters to m0, so
     check the result on fresh prior draws.
 
-    Returns {nfe: {"T", "q", "order", ["fractions",] "rmse", "published": [T, q, order],
-    "published_rmse", "ratio"}} (errors on all of m0; ratio = rmse / published_rmse).
+    Returns {nfe: {"T", "q", "order", ["variant",] ["fractions",] "rmse", "published": [T, q,
+    order], "published_rmse", "ratio", "default": <the package default's setting JSON>,
+    "default_rmse"}} (errors on all of m0; ratio = rmse / published_rmse).
     """
     nfes = sorted({int(n) for n in nfes})
     if not nfes or nfes[0] < 1:
         raise ValueError(f"nfes must be a non-empty set of ints >= 1, got {nfes}")
-    Ts = tuple(DEFAULT_TS if Ts is None else Ts)
     qs = tuple(DEFAULT_QS if qs is None else qs)
     orders = tuple(DEFAULT_ORDERS if orders is None else orders)
-    coarse = sorted({Setting(T, q, o) for T in Ts for q in qs for o in orders})
-    if not coarse:
-        raise ValueError("the search space (Ts x qs x orders) is empty")
+    variants = tuple(DEFAULT_VARIANTS if variants is None else variants)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"variants must be among {VARIANTS}, got {unknown}")
+
+    def grid_of(nfe: int) -> tuple[list[Setting], tuple[float, ...]]:
+        Ts_n = tuple(hop_times(nfe) if Ts is None else Ts)
+        space = sorted({Setting(T, q, o, None, v)
+                        for T in Ts_n for q in qs for o in orders for v in variants})
+        if not space:
+            raise ValueError("the search space (Ts x qs x orders x variants) is empty")
+        return space, Ts_n
+
+    for nfe in nfes:
+        grid_of(nfe)
+    if max_rows is None:
+        max_rows = max(len(m0), ROW_ELEMENTS // max(1, m0[0].numel() // 2))
     if target is None:
         target = reference_solution(model, bridge, m0, reference_nfe, t0, max_rows)
     n_coarse = len(m0) if coarse_rows is None else max(1, min(int(coarse_rows), len(m0)))
     result: dict[int, dict] = {}
     # one bar over every candidate run (coarse stages counted up front, refinements when known)
-    bar = tqdm(total=sum(len(coarse) + (published_setting(n) not in coarse) for n in nfes), unit="candidate",
+    def fixed(nfe: int) -> list[Setting]:  # the published setting first, then the package default
+        return list(dict.fromkeys([published_setting(nfe), default_setting(nfe)]))
+
+    bar = tqdm(total=sum(len(set(grid_of(n)[0]) | set(fixed(n))) for n in nfes), unit="candidate",
                disable=not progress, desc="tune")
     for nfe in nfes:
         bar.set_postfix_str(f"NFE {nfe}")
-        pub = published_setting(nfe)
-        cands = [pub] + [s for s in coarse if s != pub]
+        coarse, Ts_n = grid_of(nfe)
+        pub, default = published_setting(nfe), default_setting(nfe)
+        cands = fixed(nfe) + [s for s in coarse if s not in fixed(nfe)]
         errs = settings_rmse(model, bridge, m0[:n_coarse], target[:n_coarse], nfe, cands, t0, max_rows,
                              bar.update)
         if refine:
             best = [cands[i] for i in errs.argsort()[:top_k].tolist()]
-            final = [pub] + [s for s in sorted(set(best) | set(refine_candidates(best, Ts, t0))) if s != pub]
+            finer = set(best) | set(refine_candidates(best, Ts_n, t0, t_steps=2, q_points=1))
+            final = fixed(nfe) + [s for s in sorted(finer) if s not in fixed(nfe)]
         else:
             final = cands
         if refine or n_coarse < len(m0):
@@ -354,6 +466,7 @@ def tune(
         result[nfe] = {
             **_entry(best), "rmse": err, "published": list(pub.as_tuple()),
             "published_rmse": err_pub, "ratio": err / err_pub if err_pub > 0 else 1.0,
+            "default": default.to_json(), "default_rmse": float(errs[final.index(default)]),
         }
     bar.close()
     return result

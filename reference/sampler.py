@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from psb_fast.bridge import PhaseBridge
 
-from . import steps
-from .bridge import hop_reference
+from . import phase_step, sde_step
 from .multistep import ode_coefficients
+from .phase_step import hop_reference
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 T_END = 0.999
@@ -66,8 +66,8 @@ def sample_ode(
             break
         q = min(i, order)
         # docs/math.md §7.1: x += h v + sum_j Cx_{i,j} F_{i-j};  v += sum_j Cv_{i,j} F_{i-j}.
-        x, v = steps.ode_step(x, v, float(co.h[i]), co.Cx[i, : q + 1].tolist(),
-                              co.Cv[i, : q + 1].tolist(), history[: q + 1])
+        x, v = phase_step.ode_step(x, v, float(co.h[i]), co.Cx[i, : q + 1].tolist(),
+                                   co.Cv[i, : q + 1].tolist(), history[: q + 1])
     return _finish(bridge, x, v, F, float(grid[-1]), hop, m0.dtype)
 
 
@@ -95,8 +95,8 @@ def sample_sde_exact(
     for i, (t, _) in enumerate(tqdm(_sde_times(grid, hop, t_end), disable=not progress)):
         F = _evaluate(model, x, v, t, m0.dtype)
         xi_x, xi_v = _noise(x, generator)
-        x, v = steps.exact_noise_step(x, v, bridge.p, t, float(co.h[i]), float(co.Cx[i, 0]),
-                                      float(co.Cv[i, 0]), F, xi_x, xi_v)
+        x, v = sde_step.exact_noise_step(x, v, bridge.p, t, float(co.h[i]), float(co.Cx[i, 0]),
+                                         float(co.Cv[i, 0]), F, xi_x, xi_v)
     F = _evaluate(model, x, v, float(grid[-1]), m0.dtype) if hop else None
     return _finish(bridge, x, v, F, float(grid[-1]), hop, m0.dtype)
 
@@ -111,7 +111,7 @@ def sample_em(
     for t, t_next in tqdm(_sde_times(grid, hop, t_end), disable=not progress):
         F = _evaluate(model, x, v, t, m0.dtype)
         N = float(bridge.coefficients(t).normalizer)
-        x, v = steps.em_step(x, v, bridge.p, t, t_next - t, N, F, _noise(x, generator)[1])
+        x, v = sde_step.em_step(x, v, bridge.p, t, t_next - t, N, F, _noise(x, generator)[1])
     F = _evaluate(model, x, v, float(grid[-1]), m0.dtype) if hop else None
     return _finish(bridge, x, v, F, float(grid[-1]), hop, m0.dtype)
 
@@ -126,10 +126,10 @@ def sample_sscs(
     for t, t_next in tqdm(_sde_times(grid, hop, t_end), disable=not progress):
         h = t_next - t
         s = 0.5 * h
-        x, v = steps.sscs_half_step(x, v, bridge.p, t, s, *_noise(x, generator))
+        x, v = sde_step.sscs_half_step(x, v, bridge.p, t, s, *_noise(x, generator))
         F = _evaluate(model, x, v, t + s, m0.dtype)
         v = v + h * float(bridge.coefficients(t + s).normalizer) * F
-        x, v = steps.sscs_half_step(x, v, bridge.p, t + s, s, *_noise(x, generator))
+        x, v = sde_step.sscs_half_step(x, v, bridge.p, t + s, s, *_noise(x, generator))
     F = _evaluate(model, x, v, float(grid[-1]), m0.dtype) if hop else None
     return _finish(bridge, x, v, F, float(grid[-1]), hop, m0.dtype)
 

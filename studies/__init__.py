@@ -1,6 +1,7 @@
-"""The tuning and evaluation studies behind the package defaults (not installed with the package).
+"""The studies behind the package defaults and the trained-model checks (not installed).
 
-Run them from the repository root as modules, e.g. `python -m studies.tuning_study`; they import
-psb_fast and each other (`from studies import tuning_study`). `python -m studies.make_defaults`
-writes psb_fast/defaults.json from their results (benchmarks/results/).
+Run them from the repository root as modules, e.g. `python -m studies.defaults_study search`;
+they import psb_fast, the benchmark suite's problems (`benchmarks.problems`) and each other
+(`from studies import trained_models`). `python -m studies.make_defaults` writes
+psb_fast/defaults.json from the defaults study's results (benchmarks/results/defaults_study/).
 """

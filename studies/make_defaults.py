@@ -1,24 +1,20 @@
-"""Write the package defaults, psb_fast/defaults.json, from the studies' results.
+"""Write the package defaults, psb_fast/defaults.json, from the defaults study's results.
 
     python -m studies.make_defaults            # write psb_fast/defaults.json
     python -m studies.make_defaults --check    # exit 1 if the file is not what the results give
 
-Run from the repository root: studies/ is a plain folder of scripts (not installed with the
-package); `python -m studies.<name>` puts the root on sys.path, so the studies import psb_fast and
-each other (`from studies import tuning_study`) without path tricks.
+Run from the repository root (studies/ is not installed). Inputs, in
+benchmarks/results/defaults_study/ (or --results), all written by studies/defaults_study.py:
 
-Inputs (benchmarks/results/, or --results):
-1. tuning.json (studies/tuning_study.py): per NFE 1..50 the mixture search's pick (the table entry,
-   or its "study_setting" where `--evaluate-only` later recorded a replaced default there);
-2. tuning_trained.json (studies/tuning_trained.py): where its pick is not "tuned", the trained-model
-   check replaced the pick by that setting (the published one);
-3. tuning_joint.json (studies/tuning_joint.py): its admissible results replace the entry.
-Each entry records the setting, whether it is the published setting, the stage that set it, how
-that stage picked it and the scores that chose it (ratios to the published setting, per named
-problem); the file's schema is in psb_fast/defaults.py. A stage's file that is missing is
-skipped. The trained check must have checked the mixture picks of 1. (else: ValueError: rerun it).
+1. search.json: the picks at the anchor NFEs on the tune split (required);
+2. validate.json: per NFE 1..50 the interpolated pick and its alternates on the validate split;
+3. trained.json: the same settings on the trained models, NFE 3..50.
 
-Then check the final defaults on held-out data: `python -m studies.tuning_study --evaluate-only`.
+Per NFE the entry is the first of the pick and its alternates (`defaults_study.alternates`) that
+is not worse than the published setting
+on the validate split (median ratio <= 1) and on every trained model (ratio <= 1); else the
+published setting. Validate and trained results must be for the current picks (else ValueError:
+rerun them). The file's schema is in psb_fast/defaults.py.
 """
 
 from __future__ import annotations
@@ -31,112 +27,112 @@ from pathlib import Path
 
 from psb_fast.defaults import FORMAT, check_defaults
 from psb_fast.settings import Setting, published_setting
+from studies import defaults_study
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = defaults_study.OUT
 OUT = ROOT / "psb_fast" / "defaults.json"
 COMMAND = "python -m studies.make_defaults"
-FILES = {"mixture": "tuning.json", "trained": "tuning_trained.json", "joint": "tuning_joint.json"}
-SCRIPTS = {"mixture": "tuning_study", "trained": "tuning_trained", "joint": "tuning_joint"}
-#: How the mixture study picked an entry (tuning.json "source") -> the entry's "pick".
-MIXTURE_PICKS = {"tuned": "searched", "interp": "interpolated", "copy of NFE 2": "copy of NFE 2"}
 DIGITS = 4  # decimals of the stored scores
 ABOUT = ("Per-NFE defaults of PhaseSampler (probability flow, hop). Data written by `python -m "
-         "studies.make_defaults` from the studies' results; schema in psb_fast/defaults.py.")
-SCORES = {
-    "mixture": "J (objective, lower is better) and ratios r_m = RMSE / RMSE of the published setting on "
-               "each tuning mixture against the exact flow, fine + confirm draws pooled; for a kept free "
-               "grid on the draws the grid search never saw (J_power: the power grid's J there)",
-    "trained": "ratios = RMSE / RMSE of the published setting (mixtures against the exact flow, trained "
-               "models against their own NFE-200 solution); a searched entry is kept only if every "
-               "ratio is <= 1, else the published setting replaces it (rejected: the searched entry)",
-    "joint": "ratios = RMSE / RMSE of the published setting on the full batches; written only if every "
-             "ratio is <= 1",
-}
+         "studies.make_defaults` from studies/defaults_study.py's results; schema in psb_fast/defaults.py.")
 
 
 def read_results(results: Path) -> dict[str, dict | None]:
-    """The studies' result files by stage (None where a file is missing; tuning.json is required)."""
+    """The study's result files by stage (None where validate or trained is missing)."""
     out = {}
-    for stage, name in FILES.items():
-        path = results / name
+    for stage in ("search", "validate", "trained"):
+        path = results / f"{stage}.json"
         if not path.is_file():
-            if stage == "mixture":
-                raise FileNotFoundError(f"{path} is missing: run `python -m studies.tuning_study` first")
+            if stage == "search":
+                raise FileNotFoundError(
+                    f"{path} is missing: run `python -m studies.defaults_study search` first")
             out[stage] = None
             continue
         out[stage] = json.loads(path.read_text())
     return out
 
 
-def mixture_picks(tuning: Mapping) -> dict[int, tuple[Setting, dict]]:
-    """Per NFE, the mixture study's own pick and its tuning.json record (after `--evaluate-only` a
-    replaced default keeps the study's pick as search.study_setting)."""
-    out = {}
-    for key, rec in tuning["table"].items():
-        search = rec.get("search") or {}
-        if "study_setting" in search:
-            setting = Setting.coerce(search["study_setting"])
-        else:
-            setting = Setting(rec["T"], rec["q"], rec["order"], rec.get("fractions"))
-        out[int(key)] = (setting, rec)
-    return out
-
-
-def compose(results: Mapping[str, Mapping | None], stages: Sequence[str] = tuple(FILES)) -> dict[int, dict]:
-    """The defaults entries {nfe: {"setting": Setting, "source", "stage", "pick", "scores"}} from the
-    studies' results, applying `stages` in order (psb_fast/defaults.py has the schema)."""
-    entries: dict[int, dict] = {}
-    for nfe, (setting, rec) in sorted(mixture_picks(results["mixture"]).items()):
-        pick = MIXTURE_PICKS.get(rec.get("source"), "searched")
-        scores = _mixture_scores(rec.get("search") or {})
-        entries[nfe] = {"setting": setting, "stage": "mixture", "pick": pick,
-                        "scores": {"mixture": scores} if scores else {}}
-    trained = results.get("trained") if "trained" in stages else None
-    for key, r in (trained or {}).get("table", {}).items():
-        nfe = int(key)
-        checked = Setting.coerce(r["candidates"]["tuned"]["setting"])
-        mixture_pick = entries[nfe]["setting"]
-        if checked != mixture_pick.effective(nfe):
-            raise ValueError(f"tuning_trained.json checked {checked.label} at NFE {nfe}, but the mixture "
-                             f"pick is {mixture_pick.label}: rerun `python -m studies.tuning_trained`")
-        tuned = _ratios(r["candidates"]["tuned"])
-        if r["pick"] == "tuned":
-            entries[nfe]["scores"]["trained"] = {"kept": True, "ratios": tuned}
-        else:
-            scores = {"kept": False, "ratios": _ratios(r["candidates"][r["pick"]]),
-                      "rejected": list(checked.as_tuple()), "rejected_ratios": tuned}
-            entries[nfe] = {"setting": Setting.coerce(r["setting"]), "stage": "trained", "pick": r["pick"],
-                            "scores": {"trained": scores}}
-    joint = results.get("joint") if "joint" in stages else None
-    for key, r in (joint or {}).get("table", {}).items():
-        if r["admissible"]:
-            entries[int(key)] = {"setting": Setting.coerce(r["setting"]), "stage": "joint",
-                                 "pick": "searched", "scores": {"joint": {"ratios": _ratios(r)}}}
-    for nfe, entry in entries.items():
-        entry["source"] = "published" if entry["setting"] == published_setting(nfe) else "tuned"
-    return entries
+def _rows(results: Mapping | None, stage: str, nfe: int, expected: list[Setting]) -> list[dict] | None:
+    """A stage's rows for this NFE, checked to be for `expected` (None: the stage did not score it)."""
+    if results is None or str(nfe) not in results["nfes"]:
+        return None
+    rows = results["nfes"][str(nfe)]["settings"]
+    got = [Setting.from_json(r["setting"]) for r in rows]
+    if got != expected:
+        raise ValueError(f"{stage}.json scored {[s.label for s in got]} at NFE {nfe}, but the picks are "
+                         f"{[s.label for s in expected]}: rerun `python -m studies.defaults_study {stage}`")
+    return rows
 
 
 def build(results: Mapping[str, Mapping | None]) -> dict:
-    """The defaults file's payload (JSON values) from the studies' results."""
-    entries = compose(results)
-    stages = {}
-    for stage, name in FILES.items():
-        data = results.get(stage)
-        if data is None:
-            continue
-        problems = data["config"]["tuning"] if stage == "mixture" else data["problems"]
-        stages[stage] = {"results": f"benchmarks/results/{name}", "problems": list(problems),
-                         "command": f"python -m studies.{SCRIPTS[stage]}", "scores": SCORES[stage]}
-    out = {}
-    for nfe, e in sorted(entries.items()):
-        setting = e["setting"].to_json()
-        if e["source"] == "published":  # the loader uses published_setting(nfe) itself
+    """The defaults file's payload (JSON values) from the study's results."""
+    search = results["search"]
+    anchors = {int(n): Setting.from_json(rec["pick"]) for n, rec in search["anchors"].items()}
+    entries = {}
+    for nfe in range(1, defaults_study.MAX_NFE + 1):
+        cands = defaults_study.alternates(defaults_study.interpolated(anchors, nfe), nfe)
+        validate = _rows(results.get("validate"), "validate", nfe, cands)
+        trained = _rows(results.get("trained"), "trained", nfe, cands)
+        chosen, pick = published_setting(nfe), "fallback: published"
+        for k, setting in enumerate(cands):
+            ok_validate = validate is None or validate[k]["median"] <= 1.0
+            ok_trained = trained is None or trained[k]["worst"] <= 1.0
+            if ok_validate and ok_trained:
+                chosen = setting
+                pick = ("searched" if nfe in anchors else "interpolated") + (f" (alternate {k})" * (k > 0))
+                break
+        scores = {}
+        if nfe in anchors:
+            scores["search"] = {k: _round(v) for k, v in search["anchors"][str(nfe)]["scores"].items()}
+        for stage, rows in (("validate", validate), ("trained", trained)):
+            if rows is not None:
+                scores[stage] = [_scored(row) for row in rows]
+        if chosen.effective(nfe) == published_setting(nfe).effective(nfe):
+            chosen = published_setting(nfe)  # the same sampler: record it as the published setting
+        setting = chosen.to_json()
+        source = "published" if chosen == published_setting(nfe) else "tuned"
+        if source == "published":  # the loader uses published_setting(nfe) itself
             setting["T"] = round(setting["T"], 10)
-        out[str(nfe)] = {"setting": setting, "source": e["source"], "stage": e["stage"], "pick": e["pick"],
-                         "scores": e["scores"]}
-    return {"format": FORMAT, "command": COMMAND, "about": ABOUT, "stages": stages, "entries": out}
+        entries[str(nfe)] = {"setting": setting, "source": source, "stage": "search", "pick": pick,
+                             "scores": scores}
+    stages = {"search": {"results": "benchmarks/results/defaults_study/search.json",
+                         "command": "python -m studies.defaults_study search",
+                         "problems": (f"{len(search['problems'])} generated problems of the tune split "
+                                      f"(benchmarks/problems.py, seeds {search['seeds'][0]}.."
+                                      f"{search['seeds'][-1]} step 3), {search['draws']} prior draws each"),
+                         "scores": ("J = mean log ratio + LOSS_WEIGHT mean max(log ratio, 0), median and "
+                                    "worst ratio, losses (ratio > 1); ratio = RMSE / RMSE of the published "
+                                    "setting against the exact flow")}}
+    if results.get("validate") is not None:
+        v = results["validate"]
+        stages["validate"] = {"results": "benchmarks/results/defaults_study/validate.json",
+                              "command": "python -m studies.defaults_study validate",
+                              "problems": f"{len(v['problems'])} generated problems of the validate split, "
+                                          f"{v['draws']} prior draws each",
+                              "scores": "per setting scored (the pick, then its alternates): median and "
+                                        "worst ratio, losses"}
+    if results.get("trained") is not None:
+        stages["trained"] = {"results": "benchmarks/results/defaults_study/trained.json",
+                             "command": "python -m studies.defaults_study trained",
+                             "problems": list(results["trained"]["models"]),
+                             "scores": "per setting scored (the pick, then its alternates): ratio per "
+                                       "trained model against its own converged solution, worst"}
+    return {"format": FORMAT, "command": COMMAND, "about": ABOUT, "stages": stages, "entries": entries}
+
+
+def _scored(row: Mapping) -> dict:
+    out = {"setting": Setting.from_json(row["setting"]).label}
+    for key in ("median", "worst", "losses"):
+        if key in row:
+            out[key] = _round(row[key])
+    if "ratios" in row and "median" not in row:  # trained: a few named models
+        out["ratios"] = {k: _round(v) for k, v in row["ratios"].items()}
+    return out
+
+
+def _round(x: float) -> float:
+    return round(float(x), DIGITS)
 
 
 def dumps(payload: object) -> str:
@@ -160,29 +156,9 @@ def dumps(payload: object) -> str:
     return fmt(payload, 0) + "\n"
 
 
-def _round(x: float) -> float:
-    return round(float(x), DIGITS)
-
-
-def _ratios(record: Mapping) -> dict[str, float]:
-    return {name: _round(r) for name, r in record["ratios"].items()}
-
-
-def _mixture_scores(search: Mapping) -> dict:
-    """The mixture study's scores of its pick: J and per-mixture ratios (of the free grid on unseen
-    draws where the free grid was kept)."""
-    if not search:
-        return {}
-    grid = search.get("free_grid")
-    if grid and grid["kept"]:
-        return {"J": _round(grid["J_check"]["free"]), "J_power": _round(grid["J_check"]["start"]),
-                "ratios": _ratios({"ratios": grid["check_ratio"]})}
-    return {"J": _round(search["J"]), "ratios": _ratios({"ratios": search["tuning_ratio"]})}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", type=Path, default=RESULTS, help="the studies' results folder")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="the defaults study's results folder")
     ap.add_argument("--out", type=Path, default=OUT, help="the defaults file to write")
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if --out differs")
     args = ap.parse_args(argv)

@@ -4,6 +4,8 @@
 
 tests/test_sampler_golden.py replays every case and compares with the recorded output (1e-6):
 a restructuring of the sampler, its settings or its defaults must not change what it returns.
+(Recorded again, on purpose, when the defaults study changed the defaults: only the cases that use
+the defaults changed then.)
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def cases() -> dict[str, dict]:
     for order in range(4):
         for grid in ("uniform", "rev-quad", "power-1.5"):
             out[f"order{order}-{grid}"] = {"sampler": {"nfe": 8, "T": 0.8, "order": order, "grid": grid}}
+    for variant in ("data", "multistep-corrector", "data-corrector"):
+        out[f"variant-{variant}"] = {"sampler": {"nfe": 8, "T": 0.8, "order": 3, "grid": "power-1.5",
+                                                 "variant": variant}}
     out["explicit-grid"] = {"sampler": {"nfe": 4, "grid": [1e-5, 0.2, 0.5, 0.75], "order": 2}}
     out["no-hop"] = {"sampler": {"nfe": 10, "hop": False}}
     out["no-hop-order3"] = {"sampler": {"nfe": 12, "hop": False, "order": 3, "T": 0.95}}

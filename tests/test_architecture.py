@@ -127,11 +127,11 @@ def test_the_checks_see_every_form_of_import(tmp_path, monkeypatch):
     """The parser resolves relative, absolute, `from . import`, and importlib forms."""
     source = (
         "import importlib\n"
-        "from .reference import steps\n"
+        "from .reference import sde_step\n"
         "from . import reference\n"
-        "import psb_fast.reference.bridge\n"
+        "import psb_fast.reference.bridge_sample\n"
         "def f():\n"
-        "    from .kernels import step\n"
+        "    from .kernels import phase_step\n"
         "    importlib.import_module('psb_fast.reference.sampler')\n"
     )
     folder = tmp_path / "psb_fast"

@@ -202,3 +202,4 @@ def test_bench_sampler_overhead_table_at_tiny_sizes(monkeypatch) -> None:
     for row in rows:
         assert row["lean_ms"] > 0 and row["phase_sampler_ms"] > 0 and row["peer_ms"] is None
         assert row["ratio"] == pytest.approx(row["phase_sampler_ms"] / row["lean_ms"])
+        assert row["corrector_ratio"] == pytest.approx(row["corrector_ms"] / row["lean_ms"])

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from scipy.integrate import solve_ivp
 
 from psb_fast.bridge import PhaseBridge
-from psb_fast.reference.bridge import bridge_sample_reference
+from psb_fast.reference.bridge_sample import bridge_sample_reference
 from psb_fast.reference.high_precision import coefficients_mp
 
 EPS = float(np.finfo(np.float64).eps)

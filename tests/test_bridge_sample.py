@@ -12,12 +12,12 @@ import os
 import pytest
 import torch
 
-import psb_fast.sample_bridge as sample_bridge_module
+import psb_fast.ops.bridge_sample as bridge_sample_module
 from psb_fast.backends import triton_interpreted
 from psb_fast.bridge import PhaseBridge
-from psb_fast.kernels.bridge import MAX_ROW
-from psb_fast.reference.bridge import bridge_sample_reference
-from psb_fast.sample_bridge import bridge_sample
+from psb_fast.kernels.bridge_sample import MAX_ROW
+from psb_fast.ops.bridge_sample import bridge_sample
+from psb_fast.reference.bridge_sample import bridge_sample_reference
 
 # (atol, rtol) of a backend's output against the float64 reference rounded to the same dtype.
 # float32 element math gives a few float32 ulps; 16-bit storage may land one ulp away (and the
@@ -244,9 +244,9 @@ def no_kernels(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a kernel ran before validation failed")
 
-    monkeypatch.setattr(sample_bridge_module, "kernel_module", boom)  # triton
-    monkeypatch.setattr(sample_bridge_module, "_bridge_sample_torch", boom)  # cpu
-    monkeypatch.setattr(sample_bridge_module.f64, "bridge_sample", boom)  # reference
+    monkeypatch.setattr(bridge_sample_module, "kernel_module", boom)  # triton
+    monkeypatch.setattr(bridge_sample_module, "_bridge_sample_torch", boom)  # cpu
+    monkeypatch.setattr(bridge_sample_module.f64, "bridge_sample", boom)  # reference
 
 
 GOOD_X1 = torch.zeros(2, 3, 4)

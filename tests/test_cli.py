@@ -36,6 +36,9 @@ def test_sample_writes_npz_and_png(run_dir, tmp_path, capsys):
     assert x1.shape == (16, 2) and np.isfinite(x1).all()
     assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "PhaseSampler(nfe=3" in capsys.readouterr().out
+    argv = ["sample", str(run_dir), "--nfe", "5", "-n", "16", "--T", "0.6", "--variant", "data-corrector",
+            "--out", str(tmp_path / "v")]
+    assert main(argv) == 0 and "variant='data-corrector'" in capsys.readouterr().out
 
 
 def test_tune_then_sample_with_the_tuned_settings(run_dir, tmp_path):
@@ -45,7 +48,8 @@ def test_tune_then_sample_with_the_tuned_settings(run_dir, tmp_path):
                  "--out", str(path)]) == 0
     trained = load_trained(run_dir)
     sampler = PhaseSampler.from_tuned(path, trained.bridge, 4)
-    assert sampler.nfe == 4 and 0 < sampler.T < 1
+    entry = json.loads(path.read_text())["settings"]["4"]
+    assert sampler.nfe == 4 and 0 < sampler.T < 1 and sampler.variant == entry.get("variant", "multistep")
     out = tmp_path / "s"
     argv = ["sample", str(run_dir), "--nfe", "4", "-n", "8", "--tuned", str(path), "--out", str(out)]
     assert main(argv) == 0
@@ -84,16 +88,20 @@ def test_bad_input_exits_2_with_a_message(run_dir, tmp_path, capsys, argv, messa
 def test_demo_trains_samples_and_reports(tmp_path):
     metrics = run_demo(tmp_path, steps=30, progress=False, samples=64)
     assert {(r["nfe"], r["settings"]) for r in metrics["rows"]} == {
-        (n, s) for n in (5, 10, 20) for s in ("defaults", "published")}
+        (n, s) for n in (5, 10, 20) for s in ("defaults", "tuned", "published")}
+    tuned = json.loads((tmp_path / "tuned.json").read_text())["settings"]
+    assert sorted(tuned) == ["10", "20", "5"] and metrics["tune_seconds"] > 0
+    for entry in tuned.values():  # the tune never picks worse than the published or default setting
+        assert entry["rmse"] <= entry["published_rmse"] and entry["rmse"] <= entry["default_rmse"]
     for r in metrics["rows"]:
-        assert r["rmse_vs_nfe200"] >= 0 and r["energy_distance_to_data"] >= 0 and r["sample_seconds"] > 0
+        assert r["rmse_vs_reference"] >= 0 and r["energy_distance_to_data"] >= 0 and r["sample_seconds"] > 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["rows"] == metrics["rows"]
     for name in ("samples.png", "trajectories.png"):
         assert (tmp_path / name).stat().st_size > 1000
     again = run_demo(tmp_path, steps=30, progress=False, samples=64)  # finished run: no retraining
-    assert again["train_seconds_this_call"] == 0.0 and again["rows"][0]["rmse_vs_nfe200"] == pytest.approx(
-        metrics["rows"][0]["rmse_vs_nfe200"])
+    assert again["train_seconds_this_call"] == 0.0 and again["rows"][0]["rmse_vs_reference"] == pytest.approx(
+        metrics["rows"][0]["rmse_vs_reference"])
     with pytest.raises(ValueError, match="steps"):
         run_demo(tmp_path, steps=0)
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from psb_fast.backends import triton_interpreted
-from psb_fast.kernels import bridge, noise, step, tiling
+from psb_fast.kernels import bridge_sample, phase_step, sde_step, tiling
 
 NATIVE_GPU = os.environ.get("PSB_FAST_NATIVE_GPU") == "1" and torch.cuda.is_available()
 DEVICE = torch.device("cuda") if NATIVE_GPU else torch.device("cpu")
@@ -94,12 +94,12 @@ def test_shapes_pick_every_tile():
 def test_phase_step_every_history_length(shape, dtype):
     h, cx, cv = 0.037, (0.011, -0.007, 0.004, -0.002), (0.52, -0.31, 0.17, -0.05)
     Fs = make(shape, dtype, 4, seed=2, strided=shape == (3, 3, 5))
-    for q in range(1, step.MAX_HISTORY + 1):
+    for q in range(1, phase_step.MAX_HISTORY + 1):
         m = state(shape, dtype)
         x, v = split(m)
         want_x = x + h * v + sum(c * F.double().cpu() for c, F in zip(cx[:q], Fs[:q], strict=True))
         want_v = v + sum(c * F.double().cpu() for c, F in zip(cv[:q], Fs[:q], strict=True))
-        assert step.phase_step(m, Fs[:q], h, cx[:q], cv[:q]) is m
+        assert phase_step.phase_step(m, Fs[:q], h, cx[:q], cv[:q]) is m
         got_x, got_v = split(m)
         assert_close(got_x, want_x, dtype)
         assert_close(got_v, want_v, dtype)
@@ -113,8 +113,8 @@ def test_phase_hop(shape, dtype):
     x, v = split(m)
     N, P, aa, bb, den, tau = 0.8, 2.0, 0.3, -0.2, 1.1, 0.3
     for got, (a_f, a_x, a_v) in (
-        (step.phase_hop(m, F, N, P, aa, bb, den), (N / den, P * aa / den, P * bb / den)),
-        (step.phase_hop_sde(m, F, N, P, tau), (N * tau / P, 1.0, tau)),
+        (phase_step.phase_hop(m, F, N, P, aa, bb, den), (N / den, P * aa / den, P * bb / den)),
+        (phase_step.phase_hop_sde(m, F, N, P, tau), (N * tau / P, 1.0, tau)),
     ):
         assert got.shape == F.shape and got.dtype == dtype
         assert_close(got, a_f * F.double().cpu() + a_x * x + a_v * v, dtype)
@@ -136,7 +136,7 @@ def test_phase_noise_update_with_supplied_noise(shape, dtype):
             want_x = x + h * v + cxf * f + lxx * xi_x
             want_v = v + cvf * f + lxv * xi_x + lvv * xi_v
             given = None if chol is None else xi
-            noise.phase_noise_update(m, F if has_f else None, h, cxf, cvf, chol, xi=given)
+            sde_step.phase_noise_update(m, F if has_f else None, h, cxf, cvf, chol, xi=given)
             got_x, got_v = split(m)
             assert_close(got_x, want_x, dtype)
             assert_close(got_v, want_v, dtype)
@@ -149,7 +149,7 @@ def test_bridge_sample_with_supplied_noise(shape, dtype):
     eps = make(shape, torch.float32, 2, seed=7)
     B = shape[0]
     coef = torch.randn(8, B, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    m, label = bridge.bridge_sample_triton(x1, coef.to(DEVICE), eps=tuple(eps))
+    m, label = bridge_sample.bridge_sample_triton(x1, coef.to(DEVICE), eps=tuple(eps))
     c = coef.reshape(8, B, *([1] * (len(shape) - 1)))
     x, ex, ev = x1.double().cpu(), eps[0].double().cpu(), eps[1].double().cpu()
     got_x, got_v = split(m)
@@ -240,7 +240,7 @@ GOLDEN = [
 def drawn_by_noise_kernel(seed, offset, B, n):
     """(xi_x, xi_v), each [B, n], as drawn by the SDE kernel for x elements offset .. offset + B n."""
     m = torch.zeros(B, 2, n, device=DEVICE)
-    noise.phase_noise_update(m, None, 0.0, 0.0, 0.0, (1.0, 0.0, 1.0), seed=seed, offset=offset)
+    sde_step.phase_noise_update(m, None, 0.0, 0.0, 0.0, (1.0, 0.0, 1.0), seed=seed, offset=offset)
     return m[:, 0].cpu(), m[:, 1].cpu()
 
 
@@ -249,7 +249,7 @@ def drawn_by_bridge_kernel(seed, row_offset, B, n):
     coef = torch.zeros(8, B, dtype=torch.float64, device=DEVICE)
     coef[2] = coef[4] = 1.0  # x_t = eps_x, v_t = eps_v
     x1 = torch.zeros(B, n, device=DEVICE)
-    m, _ = bridge.bridge_sample_triton(x1, coef, seed=seed, row_offset=row_offset)
+    m, _ = bridge_sample.bridge_sample_triton(x1, coef, seed=seed, row_offset=row_offset)
     return m[:, :n].cpu(), m[:, n:].cpu()
 
 

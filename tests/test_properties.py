@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 from psb_fast import PhaseBridge, PhaseSampler, bridge_sample
 from psb_fast.bridge import MODES, P_RANGE, VAR_RANGE
 from psb_fast.guidance import StrokeGuide
+from psb_fast.ops.phase_step import phase_hop, phase_step
+from psb_fast.ops.sde_step import sde_step
 from psb_fast.sampler import MAX_NFE
-from psb_fast.stepping import phase_hop, phase_step, sde_step
 
 torch.set_num_threads(1)
 

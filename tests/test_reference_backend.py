@@ -1,9 +1,9 @@
-"""The production "reference" backend (psb_fast.float64_backend) and the bridge's derived
+"""The production "reference" backend (psb_fast.ops.float64) and the bridge's derived
 coefficients against the independent oracle (reference/).
 
 Both sides compute in float64, so results agree to float64 rounding (outputs stored in float32
 may then differ by one float32 ulp). phase_step, phase_hop and sde_step on this backend are also
-in the per-op tests (tests/test_step.py, tests/test_noise.py), next to "cpu" and "triton".
+in the per-op tests (tests/test_phase_step.py, tests/test_sde_step.py), next to "cpu" and "triton".
 """
 
 from __future__ import annotations
@@ -12,12 +12,8 @@ import pytest
 import torch
 
 from psb_fast import PhaseBridge, bridge_sample
-from psb_fast.reference.bridge import (
-    bridge_sample_reference,
-    bridge_terms,
-    hop_reference,
-    training_loss_reference,
-)
+from psb_fast.reference.bridge_sample import bridge_sample_reference, bridge_terms, training_loss_reference
+from psb_fast.reference.phase_step import hop_reference
 from psb_fast.train import training_loss
 
 MODES = ("probODE", "SDE")

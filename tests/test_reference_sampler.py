@@ -19,10 +19,10 @@ from scipy.integrate import quad
 from psb_fast.bridge import PhaseBridge, split_phase
 from psb_fast.multistep import multistep_coefficients
 from psb_fast.oracles import mixture_2d_grid, ode_solution
-from psb_fast.reference import steps
-from psb_fast.reference.bridge import hop_reference
+from psb_fast.reference import sde_step
 from psb_fast.reference.grids import rev_quad_grid, uniform_grid
 from psb_fast.reference.multistep import ode_coefficients
+from psb_fast.reference.phase_step import hop_reference
 from psb_fast.reference.sampler import sample_em, sample_ode, sample_sde_exact, sample_sscs
 
 torch.set_num_threads(1)
@@ -72,7 +72,7 @@ def convergence_setup(mix, ode_bridge):
 
 
 def _hop(bridge: PhaseBridge, m: torch.Tensor, F: torch.Tensor, t: float) -> torch.Tensor:
-    """The oracle's hop (reference/bridge.py) of m = [x | v]."""
+    """The oracle's hop (reference/phase_step.py) of m = [x | v]."""
     x, v = split_phase(m)
     return hop_reference(bridge, x, v, F, t)
 
@@ -303,7 +303,7 @@ def test_transition_covariance_formula(p, t, h):
         quad(lambda s, k=k: g2(s) * (t + h - s) ** k, t, t + h, epsabs=0, epsrel=1e-13)[0]
         for k in (2, 1, 0)
     ]
-    got = steps.transition_covariance(p, t, h)
+    got = sde_step.transition_covariance(p, t, h)
     np.testing.assert_allclose(got, want, rtol=1e-11)
 
 
@@ -324,12 +324,12 @@ def test_exact_noise_step_covariance(t, h):
     x = torch.full((n, 1), 0.3, dtype=torch.float64)
     v = torch.full((n, 1), -0.8, dtype=torch.float64)
     xi = torch.randn((2, n, 1), generator=gen, dtype=torch.float64)
-    x1, v1 = steps.exact_noise_step(x, v, p, t, h, 0.123, 0.456, torch.zeros_like(x), xi[0], xi[1])
+    x1, v1 = sde_step.exact_noise_step(x, v, p, t, h, 0.123, 0.456, torch.zeros_like(x), xi[0], xi[1])
     dx, dv = x1 - x - h * v, v1 - v
     assert abs(dx.mean().item()) <= N_SE * dx.std().item() / math.sqrt(n)
     assert abs(dv.mean().item()) <= N_SE * dv.std().item() / math.sqrt(n)
     got, se = _sample_cov(dx, dv)
-    want = steps.transition_covariance(p, t, h)
+    want = sde_step.transition_covariance(p, t, h)
     for g, w, e in zip(got, want, se, strict=True):
         assert abs(g - w) <= N_SE * e, (got, want, se)
 
@@ -348,11 +348,11 @@ def test_sampler_single_steps(sde_bridge, t, h):
     grid = torch.tensor([t], dtype=torch.float64)
     co = ode_coefficients(sde_bridge, grid, 0, t + h)
     s = 0.5 * h
-    half1, half2 = steps.sscs_half_covariance(p, t, s), steps.sscs_half_covariance(p, t + s, s)
+    half1, half2 = sde_step.sscs_half_covariance(p, t, s), sde_step.sscs_half_covariance(p, t + s, s)
     n_mid = sde_bridge.coefficients(t + s).normalizer.item()
     want = {
         # exact: x0 + h v0 + Cx c, variance Qxx(t, h)
-        "exact": (x0 + h * v0 + co.Cx[0, 0].item() * c, steps.transition_covariance(p, t, h)[0]),
+        "exact": (x0 + h * v0 + co.Cx[0, 0].item() * c, sde_step.transition_covariance(p, t, h)[0]),
         # EM: x += h v (no x noise, F enters x only at the next step)
         "em": (x0 + h * v0, 0.0),
         # SSCS: half step, v += h N(t + s) c, half step: x = x0 + 2 s v0 + s (h N c + dv1) + noise

@@ -1,5 +1,5 @@
 """Failure behaviour of the sampling API: aliased inputs, argument bounds and types, and
-non-finite values (regression tests; psb_fast.stepping, sample_bridge, sampler, bridge, guidance).
+non-finite values (regression tests; psb_fast.ops, sampler, bridge, guidance).
 
 Triton runs under the interpreter on CPU tensors (tests/conftest.py).
 """
@@ -17,8 +17,9 @@ from psb_fast import PhaseBridge, PhaseSampler, bridge_sample
 from psb_fast.backends import all_finite, check_no_internal_overlap, finite_flag, overlaps, unaliased
 from psb_fast.bridge import P_RANGE, VAR_RANGE, split_phase
 from psb_fast.guidance import StrokeGuide, mix_initial_velocity
+from psb_fast.ops.phase_step import phase_hop, phase_step
+from psb_fast.ops.sde_step import sde_step
 from psb_fast.sampler import MAX_NFE, _raise_first_nonfinite
-from psb_fast.stepping import phase_hop, phase_step, sde_step
 
 torch.set_num_threads(1)
 BACKENDS = ("cpu", "reference", "triton")

@@ -94,7 +94,7 @@ def test_published_setting_is_the_published_sampler():
     bridge = PhaseBridge()
     for nfe in (5, 10, 20):
         kwargs = published_setting(nfe).sampler_kwargs()
-        assert kwargs == {"T": published_T(nfe), "order": 2, "grid": "rev-quad"}
+        assert kwargs == {"T": published_T(nfe), "order": 2, "grid": "rev-quad", "variant": "multistep"}
         a, b = PhaseSampler(bridge, nfe, **kwargs), PhaseSampler(bridge, nfe, T=published_T(nfe), order=2,
                                                                  grid="rev-quad")
         assert torch.equal(a.grid, b.grid) and (a.T, a.order, a.grid_kind) == (b.T, b.order, "rev-quad")

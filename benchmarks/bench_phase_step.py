@@ -2,12 +2,13 @@
 
 pytest-benchmark suite (triton cases need CUDA):
 
-    python -m pytest benchmarks/bench_step.py --benchmark-only
+    python -m pytest benchmarks/bench_phase_step.py --benchmark-only
 
-Script, side by side in one process, medians of interleaved runs:
+Script, side by side in one process, medians of interleaved runs (cpu: reference vs cpu,
+B=256 x [3, 32, 32] float32, q = 3; cuda: triton vs eager / compiled reference formulation):
 
-    python benchmarks/bench_step.py --device cpu    # reference vs cpu, B=256 x [3, 32, 32] float32, q = 3
-    python benchmarks/bench_step.py --device cuda   # triton vs eager / compiled reference formulation
+    python benchmarks/bench_phase_step.py --device cpu
+    python benchmarks/bench_phase_step.py --device cuda
 
 Roofline: a multistep update with q history terms must read x, v and the q F's and write x, v:
 (4 + q) x itemsize bytes per element of x; the hop reads x, v, F and writes x1_hat: 4 x itemsize.
@@ -33,7 +34,7 @@ from psb_fast.benchmarks._timing import (
     synchronizer,
 )
 from psb_fast.bridge import PhaseBridge
-from psb_fast.stepping import phase_hop, phase_step
+from psb_fast.ops.phase_step import phase_hop, phase_step
 
 CPU_SHAPE = (256, 3, 32, 32)
 CUDA_SHAPES = ((2048, 4, 32, 32), (8192, 4, 32, 32))  # 8.4M and 33.6M elements of x
@@ -59,7 +60,7 @@ def make_inputs(
 def reference_formulation(
     m: torch.Tensor, F_hist: Sequence[torch.Tensor], h: float, Cx: Sequence[float], Cv: Sequence[float]
 ) -> None:
-    """reference.steps.ode_step's operations (float32 math) written back into m: what eager
+    """reference.phase_step.ode_step's operations (float32 math) written back into m: what eager
     PyTorch runs op by op and what torch.compile gets to fuse."""
     C = m.shape[1] // 2
     x, v = m[:, :C], m[:, C:]

@@ -2,11 +2,11 @@
 
 A production backend (its public name "reference" is API), selected with backend="reference"
 in `bridge_sample`, `phase_step`, `phase_hop`, `sde_step`, `training_loss` and `PhaseSampler`.
-The dispatch functions (`psb_fast.sample_bridge`, `psb_fast.stepping`, `psb_fast.train`)
-validate the arguments, compute the per-step scalars (from `PhaseBridge` and the multistep
-coefficients) and call these element-math functions, which read storage tensors, compute in
-float64 and return new float64 tensors (the dispatch casts or writes back). The hop is
-`PhaseBridge.estimate_x1`, already float64.
+The dispatch functions (`psb_fast.ops.bridge_sample`, `psb_fast.ops.phase_step`,
+`psb_fast.ops.sde_step`, `psb_fast.train`) validate the arguments, compute the per-step scalars
+(from `PhaseBridge` and the multistep coefficients) and call these element-math functions, which
+read storage tensors, compute in float64 and return new float64 tensors (the dispatch casts or
+writes back). The hop is `PhaseBridge.estimate_x1`, already float64.
 
 This is not the test oracle: tests check this backend, like "cpu" and "triton", against the
 independent transcription in `psb_fast.reference` (reference/, imported by tests only).
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .bridge import PhaseBridge
+from ..bridge import PhaseBridge
 
 Chol = tuple[float, float, float]
 

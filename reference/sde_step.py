@@ -1,32 +1,16 @@
-"""Plain-PyTorch reference of one sampler step of each kind (docs/math.md §7, §9): the oracle.
+"""Plain-PyTorch reference of one SDE step of each kind (docs/math.md §9): the oracle.
 
-State is kept as separate x, v tensors ([B, C, ...]); all math in float64.
+State is kept as separate x, v tensors ([B, C, ...]); all math in float64. The drift part of
+the exact-noise step is the ODE update of `reference.phase_step`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
-
-def ode_step(
-    x: torch.Tensor, v: torch.Tensor, h: float,
-    Cx: Sequence[float], Cv: Sequence[float], F_hist: Sequence[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exponential multistep update; F_hist[j] = F_{i-j} (newest first), len(Cx) == len(F_hist).
-
-    x' = x + h v + sum_j Cx_j F_{i-j};  v' = v + sum_j Cv_j F_{i-j}.
-    """
-    if not len(Cx) == len(Cv) == len(F_hist):
-        raise ValueError(f"Cx, Cv, F_hist must have equal lengths, got {len(Cx)}, {len(Cv)}, {len(F_hist)}")
-    x_new = x.double() + h * v.double()
-    v_new = v.double().clone()
-    for cx, cv, F in zip(Cx, Cv, F_hist, strict=True):
-        x_new = x_new + cx * F.double()
-        v_new = v_new + cv * F.double()
-    return x_new, v_new
+from .phase_step import ode_step
 
 
 def transition_covariance(p: float, t: float, h: float) -> tuple[float, float, float]:

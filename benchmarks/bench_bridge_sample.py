@@ -2,12 +2,13 @@
 
 pytest-benchmark suite (triton cases need CUDA):
 
-    python -m pytest benchmarks/bench_bridge.py --benchmark-only
+    python -m pytest benchmarks/bench_bridge_sample.py --benchmark-only
 
-Script, side by side in one process, medians of interleaved runs:
+Script, side by side in one process, medians of interleaved runs (cpu: reference vs cpu,
+B=256 x [3, 32, 32] float32; cuda: triton vs eager / compiled reference, >= 8M elements):
 
-    python benchmarks/bench_bridge.py --device cpu    # reference vs cpu, B=256 x [3, 32, 32] float32
-    python benchmarks/bench_bridge.py --device cuda   # triton vs eager / compiled reference, >= 8M elements
+    python benchmarks/bench_bridge_sample.py --device cpu
+    python benchmarks/bench_bridge_sample.py --device cuda
 
 Roofline: bridge_sample must read x1 and write x_t, v_t and label, 4 x itemsize bytes per
 element of x1 (16 B in float32); achieved GB/s is reported against the measured copy bandwidth.
@@ -32,8 +33,8 @@ from psb_fast.benchmarks._timing import (
     synchronizer,
 )
 from psb_fast.bridge import PhaseBridge
-from psb_fast.kernels.bridge import COEF_FIELDS, bridge_sample_triton
-from psb_fast.sample_bridge import bridge_sample
+from psb_fast.kernels.bridge_sample import COEF_FIELDS, bridge_sample_triton
+from psb_fast.ops.bridge_sample import bridge_sample
 
 CPU_SHAPE = (256, 3, 32, 32)
 CUDA_SHAPES = ((2048, 4, 32, 32), (8192, 4, 32, 32))
@@ -58,7 +59,7 @@ def packed_coefficients(bridge: PhaseBridge, t: torch.Tensor) -> torch.Tensor:
 
 
 def reference_formulation(x1: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.bridge's math (float64, two randn, cat) on precomputed coefficients: what
+    """reference.bridge_sample's math (float64, two randn, cat) on precomputed coefficients: what
     torch.compile gets to fuse."""
     c = coef.reshape((8, -1) + (1,) * (x1.dim() - 1))
     x = x1.double()

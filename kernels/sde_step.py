@@ -18,7 +18,7 @@ cosine branches of two Philox blocks, tl.randn(seed, 2g) and tl.randn(seed, 2g +
 integer work, and a stream that changed with Triton 3.0's 64-bit randint.)
 
 The per-step scalars (h, cxF, cvF and the Cholesky factor (Lxx, Lxv, Lvv)) are computed by the
-caller in float64 (`psb_fast.stepping`); element math is float32. Wrappers:
+caller in float64 (`psb_fast.ops.sde_step`); element math is float32. Wrappers:
 
 - `sde_exact_step`: exact-noise exponential step, m <- Phi(h) m + (cx, cv) F + chol(Q(t, h)) xi;
 - `em_step`: Euler-Maruyama, x += h v; v += h N F + g sqrt(h) xi_v;
@@ -38,7 +38,7 @@ import triton.language as tl
 
 from psb_fast.backends import as_rows, row_view
 
-from .step import launch_shape, on_device
+from .phase_step import launch_shape, on_device
 from .tiling import LAUNCH_OPTIONS, normal_pair, tile, tile_ptrs
 
 Chol = tuple[float, float, float]

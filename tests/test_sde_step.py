@@ -1,6 +1,6 @@
-"""SDE steps (psb_fast.stepping.sde_step) and the fused noise kernel (psb_fast.kernels.noise).
+"""SDE steps (psb_fast.ops.sde_step) and the fused noise kernel (psb_fast.kernels.sde_step).
 
-Deterministic parts against reference/steps.py with supplied xi; the in-kernel Philox noise
+Deterministic parts against reference/sde_step.py with supplied xi; the in-kernel Philox noise
 by its moments, its reproducibility and its chunking invariance. Triton runs under the
 interpreter on CPU tensors (tests/conftest.py).
 """
@@ -10,12 +10,11 @@ import math
 import pytest
 import torch
 
-from psb_fast import stepping
 from psb_fast.bridge import PhaseBridge
-from psb_fast.kernels.noise import phase_noise_update
-from psb_fast.reference import steps as ref
+from psb_fast.kernels.sde_step import phase_noise_update
+from psb_fast.ops.sde_step import noise_cholesky, sde_step, sscs_half_covariance, transition_covariance
+from psb_fast.reference import sde_step as ref
 from psb_fast.reference.multistep import ode_coefficients
-from psb_fast.stepping import sde_step
 
 # Result vs the float64 reference with the same xi, per storage dtype:
 # |got - ref| <= atol + rtol * |ref|. 16-bit rtol = 1 ulp (one rounding of the float32 result;
@@ -120,16 +119,16 @@ def test_near_one_is_finite(backend, kind):
 
 @pytest.mark.parametrize(("t", "h"), [(0.0, 0.1), (0.3, 0.05), (0.9, 0.099), (0.99, 0.009), (0.5, 1e-9)])
 def test_step_scalars_match_reference(t, h):
-    """The production noise covariances and their Cholesky factor (psb_fast.stepping) equal the
-    oracle's transcription (reference/steps.py, itself checked against quadrature)."""
+    """The production noise covariances and their Cholesky factor (psb_fast.ops.sde_step) equal the
+    oracle's transcription (reference/sde_step.py, itself checked against quadrature)."""
     p = BRIDGE.p
     for got, want in (
-        (stepping.transition_covariance(p, t, h), ref.transition_covariance(p, t, h)),
-        (stepping.sscs_half_covariance(p, t, h), ref.sscs_half_covariance(p, t, h)),
+        (transition_covariance(p, t, h), ref.transition_covariance(p, t, h)),
+        (sscs_half_covariance(p, t, h), ref.sscs_half_covariance(p, t, h)),
     ):
         assert got == pytest.approx(want, rel=1e-13, abs=0)
-        assert stepping.noise_cholesky(got) == pytest.approx(ref.cholesky2(*want), rel=1e-12, abs=0)
-    assert stepping.noise_cholesky((0.0, 0.0, 0.0)) is None
+        assert noise_cholesky(got) == pytest.approx(ref.cholesky2(*want), rel=1e-12, abs=0)
+    assert noise_cholesky((0.0, 0.0, 0.0)) is None
 
 
 def _moments(a, b):

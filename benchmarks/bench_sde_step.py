@@ -2,12 +2,12 @@
 
 pytest-benchmark suite (triton cases need CUDA):
 
-    python -m pytest benchmarks/bench_noise.py --benchmark-only
+    python -m pytest benchmarks/bench_sde_step.py --benchmark-only
 
 Script, side by side in one process, medians of interleaved runs:
 
-    python benchmarks/bench_noise.py --device cpu    # reference vs cpu, B=256 x [3, 32, 32] float32
-    python benchmarks/bench_noise.py --device cuda   # triton vs eager / compiled reference formulation
+    python benchmarks/bench_sde_step.py --device cpu    # reference vs cpu, B=256 x [3, 32, 32] float32
+    python benchmarks/bench_sde_step.py --device cuda   # triton vs eager / compiled reference formulation
 
 Roofline: with the noise drawn in the kernel, a step with a model output must read x, v, F and
 write x, v: 5 x itemsize bytes per element of x (the SSCS half step, without F: 4 x itemsize).
@@ -34,7 +34,7 @@ from psb_fast.benchmarks._timing import (
 )
 from psb_fast.bridge import PhaseBridge
 from psb_fast.multistep import multistep_coefficients
-from psb_fast.stepping import noise_cholesky, sde_step, transition_covariance
+from psb_fast.ops.sde_step import noise_cholesky, sde_step, transition_covariance
 
 CPU_SHAPE = (256, 3, 32, 32)
 CUDA_SHAPES = ((2048, 4, 32, 32), (8192, 4, 32, 32))  # 8.4M and 33.6M elements of x
@@ -71,7 +71,7 @@ def step_fn(
 def reference_formulation(
     m: torch.Tensor, F: torch.Tensor, h: float, cx: float, cv: float, chol: tuple[float, float, float]
 ) -> None:
-    """reference.steps.exact_noise_step's operations (float32 math, torch.randn noise) written
+    """reference.sde_step.exact_noise_step's operations (float32 math, torch.randn noise) written
     back into m: what eager PyTorch runs op by op and what torch.compile gets to fuse."""
     C = m.shape[1] // 2
     x, v = m[:, :C], m[:, C:]

@@ -1,10 +1,10 @@
 """Plain-PyTorch reference of the training data path (docs/math.md §5) and the prior (§1.2): the oracle.
 
 Written out here from docs/math.md, not taken from production: the means cx, cv (§2.2), the
-label (§5.2, f / N with f from AA, Lvv, g and P), the hop (§8, x1 solved from f by substituting
-eps_x, eps_v of §2.5) and the loss (§5.3). From `PhaseBridge` the oracle reads only Sigma's
-Cholesky factor (Lxx, Lxv, Lvv), AA and the normalizer N, which tests/test_bridge.py checks
-against the 50-digit solve of `reference.high_precision`; no derived coefficient (label_*,
+label (§5.2, f / N with f from AA, Lvv, g and P) and the loss (§5.3); `bridge_terms` also gives
+the hop of `reference.phase_step` (§8) its per-t scalars. From `PhaseBridge` the oracle reads
+only Sigma's Cholesky factor (Lxx, Lxv, Lvv), AA and the normalizer N, which tests/test_bridge.py
+checks against the 50-digit solve of `reference.high_precision`; no derived coefficient (label_*,
 hop_*) and no production op is used.
 """
 
@@ -83,29 +83,6 @@ def bridge_sample_reference(
     f = 4.0 * k["tau"] ** 2 * x1d - k["P"] * k["AA"] * ex + k["e_v"] * ev
     label = f / k["N"]
     return torch.cat([x_t, v_t], dim=1).to(x1.dtype), label.to(x1.dtype)
-
-
-def hop_reference(
-    bridge: PhaseBridge, x: torch.Tensor, v: torch.Tensor, F: torch.Tensor, t: torch.Tensor | float
-) -> torch.Tensor:
-    """The hop (docs/math.md §8): x1 estimated from (x, v) and the model output F at t, float64.
-
-    f = N F is the un-normalized target. SDE (f = a = 4 (x1 - x - tau v) / tau^2):
-    x1 = x + tau v + tau^2 f / 4. probODE: f = 4 tau^2 x1 - P AA eps_x + e_v eps_v with
-    eps_x = (x - cx x1) / Lxx and eps_v = (v - cv x1 - Lxv eps_x) / Lvv is linear in x1:
-    f = 4 tau^2 x1 - A (x - cx x1) + B (v - cv x1), A = (P AA + e_v Lxv / Lvv) / Lxx,
-    B = e_v / Lvv, so x1 = (f + A x - B v) / (4 tau^2 + A cx - B cv).
-    t: a scalar or one time per row of x.
-    """
-    k = {name: _rows(value, x) for name, value in bridge_terms(bridge, t).items()}
-    x, v = x.double(), v.double()
-    f = k["N"] * F.double()
-    tau = k["tau"]
-    if bridge.mode == "SDE":
-        return x + tau * v + tau * tau * f / 4.0
-    A = (k["P"] * k["AA"] + k["e_v"] * k["lxv"] / k["lvv"]) / k["lxx"]
-    B = k["e_v"] / k["lvv"]
-    return (f + A * x - B * v) / (4.0 * tau * tau + A * k["cx"] - B * k["cv"])
 
 
 def training_loss_reference(

@@ -31,12 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-from psb_fast.sample_bridge import COEF_FIELDS as COEF_FIELDS  # re-exported for launches, benchmarks
+from psb_fast.ops.bridge_sample import COEF_FIELDS as COEF_FIELDS  # re-exported for launches, benchmarks
 
 from .tiling import LAUNCH_OPTIONS, MAX_ROW, normal_pair, tile, tile_grid, tile_ptrs
 
 # Row k of the packed [8, B] float64 coefficient tensor holds PhaseBridge.coefficients(t).<field>
-# for field = COEF_FIELDS[k] (owned by the dispatch, psb_fast.sample_bridge; the cpu path packs
+# for field = COEF_FIELDS[k] (owned by the dispatch, psb_fast.ops.bridge_sample; the cpu path packs
 # the same rows).
 
 # x1's rows must have fewer than MAX_ROW = 2**31 elements (tiling.MAX_ROW, imported here for callers).
@@ -116,7 +116,7 @@ def bridge_sample_triton(
     row_offset: int = 0,
     eps: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the fused kernel. Inputs are assumed validated (see psb_fast.sample_bridge).
+    """Launch the fused kernel. Inputs are assumed validated (see psb_fast.ops.bridge_sample).
 
     Args:
         x1: [B, C, ...] float32 / bfloat16 / float16, any strides (made contiguous).

@@ -1,4 +1,4 @@
-"""phase_step and phase_hop (psb_fast.stepping) vs the float64 oracle (reference/), every backend.
+"""phase_step and phase_hop (psb_fast.ops.phase_step) vs the float64 oracle (reference/), every backend.
 
 Triton kernels run under the interpreter on CPU tensors (tests/conftest.py).
 """
@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from psb_fast import stepping
 from psb_fast.bridge import PhaseBridge
-from psb_fast.reference import steps as ref
-from psb_fast.reference.bridge import hop_reference
-from psb_fast.stepping import phase_hop, phase_step
+from psb_fast.ops import _common
+from psb_fast.ops.phase_step import phase_hop, phase_step
+from psb_fast.reference import phase_step as ref
+from psb_fast.reference.phase_step import hop_reference
 
 # Result vs the float64 reference, per storage dtype: |got - ref| <= atol * scale + rtol * |ref|,
 # scale = max |ref| (1 for the step, whose values are O(1)). 16-bit rtol = 1 ulp: the float32
@@ -55,7 +55,7 @@ def reference_step(m, Fs, h, Cx, Cv):
 
 
 def reference_hop(bridge, m, F, T):
-    """The oracle's hop (reference/bridge.py), float64."""
+    """The oracle's hop (reference/phase_step.py), float64."""
     C = m.shape[1] // 2
     return hop_reference(bridge, m[:, :C], m[:, C:], F, T)
 
@@ -106,7 +106,7 @@ def test_phase_step_noncontiguous_inputs(backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_cpu_path_chunking(monkeypatch, dtype, chunk):
     """Column blocks of a row (n >= chunk) and groups of rows (n < chunk) give the same result."""
-    monkeypatch.setattr(stepping, "CPU_CHUNK", chunk)
+    monkeypatch.setattr(_common, "CPU_CHUNK", chunk)
     m, Fs = make_state((5, 2, 5, 7), dtype)
     want = reference_step(m, Fs[:2], H, CX[:2], CV[:2])
     phase_step(m, Fs[:2], H, CX[:2], CV[:2], backend="cpu")

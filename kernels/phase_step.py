@@ -9,7 +9,7 @@ row strides are multiples of 16); element math is float32, storage float32, bflo
 float16. Per-step scalars arrive as Python floats (computed in float64 by the caller) and enter
 the kernel as float32.
 
-Inputs are validated by `psb_fast.stepping`; the wrappers here assume valid arguments.
+Inputs are validated by `psb_fast.ops.phase_step`; the wrappers here assume valid arguments.
 
 - `phase_step`: the multistep ODE update of m in place,
       x <- x + h v + sum_j Cx_j F_j,   v <- v + sum_j Cv_j F_j,   j = 0..q-1, q in 1..4

@@ -1,13 +1,13 @@
 """bridge_sample: the training data path (docs/math.md §5.1) — (m_t, label) for data x1 at times t.
 
 Backends (docs/math.md §12):
-    "triton"     fused Triton kernel (psb_fast.kernels.bridge, imported on first use): CUDA
+    "triton"     fused Triton kernel (psb_fast.kernels.bridge_sample, imported on first use): CUDA
                  tensors, or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1). Noise
                  is Philox, keyed by (seed, global element index): chunks of a batch reproduce the
                  whole batch.
     "cpu"        fused PyTorch path: noise drawn straight into the output buffer, then transformed
                  in place (float32 element math). Works on any device; meant for CPU.
-    "reference"  psb_fast.float64_backend.bridge_sample (plain float64 torch math).
+    "reference"  psb_fast.ops.float64.bridge_sample (plain float64 torch math).
     "auto"       "triton" for CUDA tensors, "cpu" otherwise.
 With eps given, all backends compute the same numbers up to float32 rounding; the noise streams
 drawn from a seed differ between backends (same distribution).
@@ -19,10 +19,10 @@ import math
 
 import torch
 
-from . import float64_backend as f64
-from .backends import all_finite, check_storage, first_nonfinite, kernel_module, resolve_backend
-from .bridge import PhaseBridge, check_t
-from .seeds import row_seed
+from ..backends import all_finite, check_storage, first_nonfinite, kernel_module, resolve_backend
+from ..bridge import PhaseBridge, check_t
+from ..seeds import row_seed
+from . import float64 as f64
 
 # The [8, B] float64 coefficient rows of the fused data path (cpu and triton): row k holds
 # PhaseBridge.coefficients(t).<COEF_FIELDS[k]> (the kernel reads them in this order).
@@ -96,7 +96,7 @@ def bridge_sample(
     co = bridge.coefficients(t64)
     coef = torch.stack([getattr(co, field) for field in COEF_FIELDS])  # [8, B] float64
     if name == "triton":
-        kernel = kernel_module("bridge").bridge_sample_triton
+        kernel = kernel_module("bridge_sample").bridge_sample_triton
         return kernel(x1, coef, seed=seed, row_offset=row_offset, eps=eps)
     return _bridge_sample_torch(x1, coef, row_seed(seed, row_offset), eps)
 
