@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from . import grids
 from .settings import Setting, published_setting
 
 FORMAT = "psb_fast.defaults/2"
@@ -67,6 +68,13 @@ def default_entry(nfe: int) -> dict:
 def tuned_grid(nfe: int, t0: float, T: float) -> torch.Tensor:
     """The default grid for this NFE (its q and fractions) mapped to [t0, T], float64 [nfe]."""
     return default_setting(nfe).replace(T=T).grid(nfe, t0)
+
+
+def make_grid(name: str, n: int, t0: float, T: float) -> torch.Tensor:
+    """`psb_fast.grids.make_grid` with "tuned" too: the n times of the named grid, float64 [n]."""
+    if grids.parse_grid(name)[0] == "tuned":
+        return tuned_grid(n, t0, T)
+    return grids.make_grid(name, n, t0, T)
 
 
 def load_defaults(path: str | os.PathLike = PATH) -> dict[int, dict]:

@@ -56,13 +56,11 @@ def grid_name(q: float) -> str:
 def make_grid(name: str, n: int, t0: float, T: float) -> torch.Tensor:
     """The n evaluation times of the named grid from t0 to T, float64 [n] (module docstring).
 
-    "tuned" is the grid of `psb_fast.defaults.default_setting(n)` (its q and fractions) mapped to
-    [t0, T]."""
+    "tuned" depends on the package defaults, which build on this module: `psb_fast.defaults.make_grid`
+    (also `psb_fast.sampler.make_grid`) makes it."""
     kind, q = parse_grid(name)
     if kind == "tuned":
-        from .defaults import tuned_grid  # the defaults build on this module
-
-        return tuned_grid(n, t0, T)
+        raise ValueError("the 'tuned' grid is the package default's: use psb_fast.defaults.make_grid")
     if kind == "uniform":
         return uniform_grid(n, t0, T)
     return power_grid(n, t0, T, q)

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from .backends import BACKENDS, STORAGE_DTYPES, real_scalar, resolve_backend
 from .bridge import PhaseBridge, split_phase
-from .defaults import default_setting
-from .grids import GRID_NAMES, PUBLISHED_GRID, explicit_grid, make_grid
+from .defaults import default_setting, make_grid
+from .grids import GRID_NAMES, PUBLISHED_GRID, explicit_grid
 from .guidance import StrokeGuide
 from .hooks import Guidance, record_trajectory, report_to
 from .loop import Hooks, ModelCall, check_finite, integrate

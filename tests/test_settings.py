@@ -11,7 +11,7 @@ import torch
 
 import psb_fast.oracles
 import psb_fast.sampler
-from psb_fast import PhaseBridge, PhaseSampler, grids
+from psb_fast import PhaseBridge, PhaseSampler, defaults, grids
 from psb_fast.reference import grids as reference_grids
 from psb_fast.seeds import derive_seed, row_seed, step_seed
 from psb_fast.settings import T_END, Setting, published_setting, published_T
@@ -127,6 +127,16 @@ def test_grids_equal_the_reference_transcription_bitwise(n, t0, T):
     if n > 1:
         r = torch.arange(n, dtype=torch.float64) / (n - 1)
         assert torch.equal(grids.power_grid(n, t0, T, 1.5, r.tolist()), grids.power_grid(n, t0, T, 1.5))
+
+
+def test_the_tuned_grid_comes_from_the_defaults_not_the_grids_module():
+    """psb_fast.grids sits below the defaults (no import cycle): the "tuned" grid is made by
+    psb_fast.defaults.make_grid (also psb_fast.sampler.make_grid)."""
+    with pytest.raises(ValueError, match="psb_fast.defaults.make_grid"):
+        grids.make_grid("tuned", 6, 1e-5, 0.8)
+    assert psb_fast.sampler.make_grid is defaults.make_grid
+    assert torch.equal(defaults.make_grid("tuned", 6, 1e-5, 0.8), defaults.tuned_grid(6, 1e-5, 0.8))
+    assert torch.equal(defaults.make_grid("uniform", 6, 1e-5, 0.8), grids.uniform_grid(6, 1e-5, 0.8))
 
 
 def test_grid_names_parse_and_round_trip():

@@ -135,10 +135,11 @@ def test_sigint_checkpoints_and_returns(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     cfg = tiny(tmp_path / "run", steps=1000)
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN under nohup
     summary = train(cfg, progress=False, callback=interrupt)
     assert (summary["step"], summary["stopped"]) == (3, "SIGINT")
     assert load_checkpoint(Path(cfg.out_dir) / "checkpoint.pt")["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the previous handler is back
 
 
 def _train_until_signalled(cfg: TrainConfig, ready: Path, result: Path) -> None:
