@@ -122,9 +122,10 @@ class PhaseSampler:
         if not (math.isfinite(t0) and 0 <= t0 < 1):
             raise ValueError(f"t0 must be in [0, 1), got {t0!r}")
         tuned = solver == "ode" and hop
+        default = default_setting(nfe) if tuned else published_setting(nfe)
         if variant is None:
             fully_default = tuned and T is None and order is None and grid is None
-            variant = default_setting(nfe).variant if fully_default else VARIANTS[0]
+            variant = default.variant if fully_default else VARIANTS[0]
         if not isinstance(variant, str) or variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if variant != VARIANTS[0] and solver != "ode":
@@ -137,7 +138,6 @@ class PhaseSampler:
             if T is not None and not math.isclose(float(T), float(times[-1]), rel_tol=0, abs_tol=1e-12):
                 raise ValueError(f"T={T!r} disagrees with the given grid's last time {float(times[-1])!r}")
             T = float(times[-1])
-        default = default_setting(nfe) if tuned else published_setting(nfe)
         if T is None:
             T = default.T if hop else 0.99
         upper = 1.0 if hop else T_END

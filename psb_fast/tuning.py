@@ -183,13 +183,21 @@ def _run_chunk(model, bridge, m0, nfe, settings, t0) -> torch.Tensor:
     h_rows, Cx_rows, Cv_rows = per_row(h), per_row(Cx[..., : order + 1]), per_row(Cv[..., : order + 1])
     steps = [(None, h_rows[i], Cx_rows[i, : min(i, order) + 1], Cv_rows[i, : min(i, order) + 1])
              for i in range(nfe - 1)]
-    m = m0.detach().to(torch.float64).repeat((C,) + unit)  # m_0 of every row
-    t_rows = per_row(times).reshape(nfe, rows).to(m0.dtype)  # t_i of every row
     co = bridge.coefficients(T)  # the hop's weights at each setting's T, folded in float64
     weights = [per_row(w) for w in probode_hop_weights(co.normalizer, co.P, co.hop_aa, co.hop_bb, co.hop_den)]
-    F = integrate(m, evaluate=ModelCall(model, None, t_rows.unbind(0), m0.dtype, m),
-                  step=Multistep(steps, order, multistep_rows), nfe=nfe, n_steps=nfe - 1, hooks=Hooks())
-    x1 = hop_rows(m, F, weights)  # x1 = a_F F + a_x x + a_v v at each row's T
+    return _run_rows(model, m0, times, Multistep(steps, order, multistep_rows), None, weights)
+
+
+def _run_rows(model, m0: torch.Tensor, times: torch.Tensor, step, correct, hop_weights) -> torch.Tensor:
+    """The loop on one float64 state stacking C settings (row c B + b: setting c, prior draw b),
+    then the hop with per-row weights; times: [C, nfe] evaluation times. [C, B, C_x, ...]."""
+    C, nfe = times.shape
+    B, unit = m0.shape[0], (1,) * (m0.dim() - 1)
+    m = m0.detach().to(torch.float64).repeat((C,) + unit)  # m_0 of every row
+    t_rows = times.to(m0.device).repeat_interleave(B, dim=0).T.to(m0.dtype).contiguous()  # [nfe, C B]
+    F = integrate(m, evaluate=ModelCall(model, None, t_rows.unbind(0), m0.dtype, m), step=step,
+                  nfe=nfe, n_steps=nfe - 1, hooks=Hooks(), correct=correct)
+    x1 = hop_rows(m, F, hop_weights)  # x1 = a_F F + a_x x + a_v v at each row's T
     return x1.reshape(C, B, *x1.shape[1:])
 
 
@@ -224,16 +232,13 @@ def _run_variant_chunk(model, bridge, m0, nfe, settings, t0) -> torch.Tensor:
             d = [(per_row(Ds[:, i, 0, j]), per_row(Ds[:, i, 1, j])) for j in range(q + 2)]
         step_rows.append((phi, c, d))
     times = torch.stack([setting.grid(nfe, t0) for setting in settings])  # [C, nfe]
-    co = bridge.coefficients(times)
-    weights = probode_hop_weights(co.normalizer, co.P, co.hop_aa, co.hop_bb, co.hop_den)  # each [C, nfe]
-    hop_at = [tuple(per_row(w[:, i]) for w in weights) for i in range(nfe)]
-    m = m0.detach().to(torch.float64).repeat((C,) + unit)
-    t_rows = torch.stack([per_row(times[:, i]).reshape(rows) for i in range(nfe)]).to(m0.dtype)
+    # hop weights per row at every evaluation time (the data form's x1 estimates) or at T only
+    at = times if form == "data" else times[:, -1:]
+    co = bridge.coefficients(at)
+    weights = probode_hop_weights(co.normalizer, co.P, co.hop_aa, co.hop_bb, co.hop_den)  # each [C, len]
+    hop_at = [tuple(per_row(w[:, i]) for w in weights) for i in range(at.shape[1])]
     steps = VariantSteps(step_rows, order, form, hop_at if form == "data" else None)
-    F = integrate(m, evaluate=ModelCall(model, None, t_rows.unbind(0), m0.dtype, m), step=steps.step,
-                  nfe=nfe, n_steps=nfe - 1, hooks=Hooks(), correct=steps.correct)
-    x1 = hop_rows(m, F, hop_at[-1])  # the hop at each row's T, from the (corrected) state
-    return x1.reshape(C, B, *x1.shape[1:])
+    return _run_rows(model, m0, times, steps.step, steps.correct, hop_at[-1])  # hop: the corrected state
 
 
 def rmse(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
