@@ -6,11 +6,13 @@
     format_row(...) / TABLE_HEADER        one markdown table row per measurement; the rows of
                                           every benchmark script are merged by gpu_check.sh
     sweep_shape(numel) / KernelCase       the shape and callables of one case of the suite's size sweep
+    parametrize_benchmark(metafunc, ...)  the pytest-benchmark parameters of a bench_<op>.py module
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -38,7 +40,7 @@ def sweep_shape(numel: int) -> tuple[int, int]:
 class KernelCase:
     """One (op, size, dtype) of the suite's sweep.
 
-    fns: impl name -> a callable running the op once (eager: "reference" and the fused backend);
+    fns: impl name -> a callable running the op once (eager: "float64" and the fused backend);
     compiled: the torch.compile'd reference formulation on the same inputs, or None (its first call
     compiles); bytes_moved: bytes the op must read and write (the roofline numerator).
     """
@@ -133,6 +135,24 @@ def print_cuda_table(copy_bw: float, rows: list[str]) -> None:
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy_bw / 1e9:,.0f} GB/s (read + write)")
     print(TABLE_HEADER)
     print("\n".join(rows))
+
+
+def parametrize_benchmark(metafunc, params: dict[str, dict[str, object]], cuda_shapes: tuple = ()) -> None:
+    """pytest_generate_tests of a bench_<op>.py module's pytest-benchmark suite: every combination of
+    the parameters its test takes (`params`: name -> {id: value}), less those that cannot run here
+    (backend "triton" without CUDA; a shape in `cuda_shapes` on the CPU backends). The modules need
+    no pytest import this way, so `psb-fast bench`, which imports them, runs on the base install."""
+    names = [name for name in params if name in metafunc.fixturenames]
+    cases, ids = [], []
+    for picked in itertools.product(*(params[name].items() for name in names)):
+        case = {name: value for name, (_, value) in zip(names, picked, strict=True)}
+        if case.get("backend") == "triton" and not torch.cuda.is_available():
+            continue
+        if case.get("backend") != "triton" and case.get("shape") in cuda_shapes:
+            continue
+        cases.append(tuple(case.values()))
+        ids.append("-".join(key for key, _ in picked))
+    metafunc.parametrize(names, cases, ids=ids)
 
 
 def run_cli(

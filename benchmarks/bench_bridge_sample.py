@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
 import torch
 
 from psb_fast.benchmarks._timing import (
@@ -27,6 +26,7 @@ from psb_fast.benchmarks._timing import (
     copy_bandwidth,
     format_row,
     interleaved_medians,
+    parametrize_benchmark,
     print_cuda_table,
     run_cli,
     sweep_shape,
@@ -73,7 +73,7 @@ def reference_formulation(x1: torch.Tensor, coef: torch.Tensor) -> tuple[torch.T
 def suite_case(
     numel: int, dtype: torch.dtype, device: str, ours: str, compiled: Callable | None
 ) -> KernelCase:
-    """The suite's sweep case: x1 of sweep_shape(numel); "reference" and `ours` run the public op
+    """The suite's sweep case: x1 of sweep_shape(numel); "float64" and `ours` run the public op
     (coefficients included); `compiled` (torch.compile of reference_formulation, or None) runs on
     precomputed coefficients."""
     bridge = PhaseBridge()
@@ -81,26 +81,27 @@ def suite_case(
     coef = packed_coefficients(bridge, t)
     fns = {
         backend: (lambda backend=backend: bridge_sample(bridge, x1, t, seed=0, backend=backend))
-        for backend in ("reference", ours)
+        for backend in ("float64", ours)
     }
     return KernelCase(fns, None if compiled is None else (lambda: compiled(x1, coef)), bytes_moved(x1))
 
 
 # ---------------------------------------------------------------- pytest-benchmark suite
 
-CUDA = torch.cuda.is_available()
+PARAMS = {
+    "backend": {"float64": "float64", "cpu": "cpu", "triton": "triton"},
+    "dtype": {"float32": torch.float32, "bfloat16": torch.bfloat16},
+    "shape": {"toy-2d": (4096, 2), "cifar": CPU_SHAPE, "8M": CUDA_SHAPES[0]},
+}
 
 
-@pytest.mark.parametrize(
-    "backend",
-    ["reference", "cpu", pytest.param("triton", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))],
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("shape", [(4096, 2), CPU_SHAPE, CUDA_SHAPES[0]], ids=["toy-2d", "cifar", "8M"])
+def pytest_generate_tests(metafunc) -> None:
+    """The cases below (triton and the 8M-element shape with CUDA only), without importing pytest."""
+    parametrize_benchmark(metafunc, PARAMS, cuda_shapes=CUDA_SHAPES[:1])
+
+
 def test_bridge_sample(benchmark, backend: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     device = "cuda" if backend == "triton" else "cpu"
-    if device == "cpu" and shape == CUDA_SHAPES[0]:
-        pytest.skip("8M elements: CUDA only")
     bridge = PhaseBridge()
     x1, t = make_inputs(shape, dtype, device)
     sync = synchronizer(device)
@@ -122,7 +123,7 @@ def bench_cpu(reps: int, warmup: int) -> None:
     x1, t = make_inputs(CPU_SHAPE, torch.float32, "cpu")
     fns = {
         backend: (lambda backend=backend: bridge_sample(bridge, x1, t, seed=0, backend=backend))
-        for backend in ("reference", "cpu")
+        for backend in ("float64", "cpu")
     }
     medians = interleaved_medians(fns, warmup=warmup, reps=reps)
     copy_bw = copy_bandwidth("cpu", nbytes=1 << 28)
@@ -149,7 +150,7 @@ def cuda_case(
     fns: dict[str, Callable[[], object]] = {
         "triton (bridge_sample)": lambda: bridge_sample(bridge, x1, t, seed=0, backend="triton"),
         "triton (kernel only)": lambda: bridge_sample_triton(x1, coef, seed=0),
-        "eager reference": lambda: bridge_sample(bridge, x1, t, seed=0, backend="reference"),
+        "eager reference": lambda: bridge_sample(bridge, x1, t, seed=0, backend="float64"),
     }
     try:
         compiled(x1, coef)

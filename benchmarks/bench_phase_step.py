@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import pytest
 import torch
 
 from psb_fast.benchmarks._timing import (
@@ -28,6 +27,7 @@ from psb_fast.benchmarks._timing import (
     copy_bandwidth,
     format_row,
     interleaved_medians,
+    parametrize_benchmark,
     print_cuda_table,
     run_cli,
     sweep_shape,
@@ -60,7 +60,7 @@ def make_inputs(
 def reference_formulation(
     m: torch.Tensor, F_hist: Sequence[torch.Tensor], h: float, Cx: Sequence[float], Cv: Sequence[float]
 ) -> None:
-    """reference.phase_step.ode_step's operations (float32 math) written back into m: what eager
+    """reference.phase_step.phase_step's operations (float32 math) written back into m: what eager
     PyTorch runs op by op and what torch.compile gets to fuse."""
     C = m.shape[1] // 2
     x, v = m[:, :C], m[:, C:]
@@ -83,7 +83,7 @@ def suite_case(
     args = (F_hist, H, CX[:q], CV[:q])
     fns = {
         backend: (lambda backend=backend: phase_step(m, *args, backend=backend))
-        for backend in ("reference", ours)
+        for backend in ("float64", ours)
     }
     return KernelCase(fns, None if compiled is None else (lambda: compiled(m, *args)),
                       step_bytes(numel, m.element_size(), q))
@@ -91,29 +91,25 @@ def suite_case(
 
 # ---------------------------------------------------------------- pytest-benchmark suite
 
-CUDA = torch.cuda.is_available()
-BACKENDS = [
-    "reference", "cpu", pytest.param("triton", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))
-]
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-SHAPES = pytest.mark.parametrize(
-    "shape", [(4096, 2), CPU_SHAPE, CUDA_SHAPES[0]], ids=["toy-2d", "cifar", "8M"]
-)
+PARAMS = {
+    "backend": {"float64": "float64", "cpu": "cpu", "triton": "triton"},
+    "q": {"1": 1, str(ORDER2): ORDER2},
+    "dtype": {"float32": torch.float32, "bfloat16": torch.bfloat16},
+    "shape": {"toy-2d": (4096, 2), "cifar": CPU_SHAPE, "8M": CUDA_SHAPES[0]},
+}
 
 
-def _device(backend: str, shape: tuple[int, ...]) -> str:
-    device = "cuda" if backend == "triton" else "cpu"
-    if device == "cpu" and shape == CUDA_SHAPES[0]:
-        pytest.skip("8M elements: CUDA only")
-    return device
+def pytest_generate_tests(metafunc) -> None:
+    """The cases below (triton and the 8M-element shape with CUDA only), without importing pytest."""
+    parametrize_benchmark(metafunc, PARAMS, cuda_shapes=CUDA_SHAPES[:1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("q", [1, ORDER2])
-@DTYPES
-@SHAPES
+def _device(backend: str) -> str:
+    return "cuda" if backend == "triton" else "cpu"
+
+
 def test_phase_step(benchmark, backend: str, q: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    device = _device(backend, shape)
+    device = _device(backend)
     m, F_hist = make_inputs(shape, dtype, device, q)
     sync = synchronizer(device)
 
@@ -125,11 +121,8 @@ def test_phase_step(benchmark, backend: str, q: int, dtype: torch.dtype, shape: 
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@DTYPES
-@SHAPES
 def test_phase_hop(benchmark, backend: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    device = _device(backend, shape)
+    device = _device(backend)
     bridge = PhaseBridge()
     m, (F,) = make_inputs(shape, dtype, device, 1)
     sync = synchronizer(device)
@@ -146,12 +139,12 @@ def test_phase_hop(benchmark, backend: str, dtype: torch.dtype, shape: tuple[int
 
 
 def bench_cpu(reps: int, warmup: int) -> None:
-    """reference vs cpu backend for phase_step at B=256 x [3, 32, 32] float32, order 2 (q = 3)."""
+    """float64 vs cpu backend for phase_step at B=256 x [3, 32, 32] float32, order 2 (q = 3)."""
     q = ORDER2
     m, F_hist = make_inputs(CPU_SHAPE, torch.float32, "cpu", q)
     fns = {
         backend: (lambda backend=backend: phase_step(m, F_hist, H, CX[:q], CV[:q], backend=backend))
-        for backend in ("reference", "cpu")
+        for backend in ("float64", "cpu")
     }
     medians = interleaved_medians(fns, warmup=warmup, reps=reps)
     copy_bw = copy_bandwidth("cpu", nbytes=1 << 28)
@@ -201,7 +194,7 @@ def cuda_hop_rows(
     m, (F,) = make_inputs(shape, dtype, "cuda", 1)
     fns = {
         backend: (lambda backend=backend: phase_hop(bridge, m, F, 0.9, backend=backend))
-        for backend in ("triton", "reference")
+        for backend in ("triton", "float64")
     }
     medians = interleaved_medians(fns, warmup=warmup, reps=reps, sync=synchronizer("cuda"), inner=5)
     nbytes = 4 * F.numel() * F.element_size()

@@ -18,7 +18,7 @@ Metrics, per seed s (own prior draws, fresh data, SDE noise):
   between the sampler's output and its own probability-flow ODE solved from the same prior draw
   by scipy DOP853 at rtol = atol = 1e-10 (AGM: x1 estimate at 0.999 of the exact flow, as in the
   tuning study; VP: x at 1e-3; flow matching: x at 1; CLD: x at 1e-3);
-- SW: POT's ot.sliced_wasserstein_distance (p = 2, 200 projections, projection seed 0) between
+- SW: psb_fast.metrics.sliced_w2 (p = 2, 200 projections, projection seed 0; POT's directions) between
   the B outputs and B fresh data draws; the floor is SW between two fresh data batches of B.
 Reported: mean and standard deviation over the seeds. NFE = model evaluations actually spent
 (Heun's last step is Euler, so its NFE is odd: 2 steps - 1 <= the NFE budget).
@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from psb_fast.benchmarks import peers
 from psb_fast.bridge import PhaseBridge
+from psb_fast.metrics import sliced_w2
 from psb_fast.oracles import GaussianMixture, mixture_2d_grid, mixture_random, ode_solution
 from psb_fast.sampler import PhaseSampler
 from psb_fast.settings import T_END, published_setting  # T_END: AGM reference output time (0.999)
@@ -74,9 +75,9 @@ def _agm(mode: str, published: bool):
     solver = "ode" if mode == "probODE" else "sde"
 
     def run(ctx: dict, prior: torch.Tensor, nfe: int, seed: int) -> tuple[torch.Tensor, int]:
-        kwargs = {**published_setting(nfe).sampler_kwargs(), **({} if solver == "ode" else {"order": None})}
-        sampler = PhaseSampler(ctx["bridges"][mode], nfe, solver=solver, backend="cpu",
-                               **(kwargs if published else {}))
+        # SDE solvers have only the published family; "ode" takes the defaults unless published
+        setting = published_setting(nfe) if published and solver == "ode" else None
+        sampler = PhaseSampler(ctx["bridges"][mode], nfe, setting, solver=solver, backend="cpu")
         x = sampler.sample(ctx["models"][mode], prior.float(), seed=seed if solver != "ode" else None)
         ctx["resolved"][(sampler.solver, published, nfe)] = {
             "T": sampler.T, "order": sampler.order, "grid": sampler.grid_kind
@@ -143,11 +144,7 @@ def _references(ctx: dict, mix: GaussianMixture, priors: dict) -> dict[str, torc
 
 
 def _sw(a: torch.Tensor, b: torch.Tensor) -> float:
-    import ot
-
-    return float(ot.sliced_wasserstein_distance(
-        a.double().numpy(), b.double().numpy(), n_projections=SW_PROJECTIONS, seed=SW_SEED
-    ))
+    return sliced_w2(a, b, n_projections=SW_PROJECTIONS, seed=SW_SEED)
 
 
 def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:

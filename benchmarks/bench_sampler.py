@@ -15,11 +15,19 @@ the sampler's own. Side-by-side medians of interleaved runs in one process, NFE 
      2nd-order multistep) stepping a state of the same size with the same zero model, if
      `diffusers` is installed (the `bench` extra); "-" otherwise.
    The table's ratio is PhaseSampler / lean loop.
-2. PhaseSampler against the published-way loop (`published_loop`: float64 state, each step's
+2. The solver variants side by side (`variant_table`, `--variants`): sample() with the zero model
+   per variant (setting T 0.8, q 1.5, order 2) at 64 x [6, 32, 32] and 4096 x [2], ms per
+   evaluation and the ratio to "multistep-corrector" (docs/math.md §7.4: the data form's update is
+   the fused phase_step with a 2x2 transition plus one op forming its source); and the build time
+   of a fresh default sampler at NFE 20 (`build_times`: the table cache emptied before each build,
+   the bridge made once).
+3. PhaseSampler against the published-way loop (`published_loop`: float64 state, each step's
    coefficients by the official 50,000-point Riemann sum, network input by torch.cat), B = 64 x
    [3, 32, 32] and 4096 x [2] (x's shape); and the time to build the multistep coefficients (NFE
    20, order 2, rev-quad to T = 0.9): `multistep_coefficients` (Gauss-Legendre, what PhaseSampler
    caches) against the Riemann sums.
+
+    python benchmarks/bench_sampler.py --variants --threads 1   # part 2 only
 """
 
 from __future__ import annotations
@@ -28,14 +36,17 @@ import argparse
 
 import torch
 
-from psb_fast import PhaseBridge, PhaseSampler
+from psb_fast import PhaseBridge, PhaseSampler, variants
 from psb_fast.benchmarks._timing import interleaved_medians, median_time
 from psb_fast.multistep import multistep_coefficients
 from psb_fast.reference.grids import rev_quad_grid
+from psb_fast.settings import Setting, published_setting
 
 RIEMANN_POINTS = 50_000
 SHAPES = ((64, 3, 32, 32), (4096, 2))  # x's shape, published-way comparison
 LEAN_SHAPES = ((256, 2), (4096, 2), (64, 6, 32, 32))  # m0's shape [B, 2C, ...], overhead table
+VARIANT_SHAPES = ((64, 6, 32, 32), (4096, 2))  # m0's shape, variants side by side
+VARIANT_SETTING = Setting(0.8, 1.5, 2)
 T_HOP, ORDER = 0.7, 2
 
 
@@ -45,10 +56,11 @@ T_HOP, ORDER = 0.7, 2
 def lean_plan(sampler: PhaseSampler, m0: torch.Tensor) -> tuple:
     """What the lean loop precomputes once: per-evaluation [B] time tensors, per-step (h, Cx, Cv)
     as floats, and the hop weights (a_F, a_x, a_v) at T."""
-    co = sampler.coefficients
+    tab = sampler.tables
     times = [torch.full((m0.shape[0],), t, dtype=m0.dtype) for t in sampler.grid.tolist()]
     steps = [(h, Cx[: min(i, sampler.order) + 1], Cv[: min(i, sampler.order) + 1])
-             for i, (h, Cx, Cv) in enumerate(zip(co.h.tolist(), co.Cx.tolist(), co.Cv.tolist(), strict=True))]
+             for i, (h, Cx, Cv) in enumerate(zip(tab.h.tolist(), tab.C[:, 0].tolist(), tab.C[:, 1].tolist(),
+                                                 strict=True))]
     return times, steps, sampler.bridge.hop_weights(sampler.T)
 
 
@@ -106,9 +118,9 @@ def overhead_table(nfe: int, reps: int) -> list[dict]:
     slower, is timed on its own after them (median of max(3, reps // 4) calls).
     """
     bridge = PhaseBridge()
-    sampler = PhaseSampler(bridge, nfe, T=T_HOP, order=ORDER, grid="rev-quad", backend="cpu")
-    corrected = PhaseSampler(bridge, nfe, T=T_HOP, order=ORDER, grid="rev-quad", backend="cpu",
-                             variant="multistep-corrector")
+    published = Setting(T_HOP, 2.0, ORDER)
+    sampler = PhaseSampler(bridge, nfe, published, backend="cpu")
+    corrected = PhaseSampler(bridge, nfe, published.replace(variant="multistep-corrector"), backend="cpu")
     peer = peer_loop(nfe)
     rows = []
     for shape in LEAN_SHAPES:
@@ -128,6 +140,57 @@ def overhead_table(nfe: int, reps: int) -> list[dict]:
                      "ratio": ms["ours"] / ms["lean"], "corrector_ms": ms["corrector"],
                      "corrector_ratio": ms["corrector"] / ms["lean"], "peer_ms": peer_ms})
     return rows
+
+
+# ----------------------------------------------------------------------------- the variants
+
+
+def variant_table(nfe: int, reps: int) -> list[dict]:
+    """Per m0 shape: median ms per evaluation of sample() with the zero model, per variant
+    (VARIANT_SETTING, backend "cpu"), timed in turn (`interleaved_medians`)."""
+    bridge = PhaseBridge()
+    samplers = {v: PhaseSampler(bridge, nfe, VARIANT_SETTING.replace(variant=v), backend="cpu")
+                for v in variants.VARIANTS}
+    rows = []
+    for shape in VARIANT_SHAPES:
+        m0 = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        fns = {v: (lambda s=s, m0=m0: s.sample(zero_model, m0)) for v, s in samplers.items()}
+        inner = max(1, round(2e-3 / median_time(fns["multistep"], warmup=2, reps=3)))
+        ms = interleaved_medians(fns, warmup=2, reps=reps, inner=inner)
+        rows.append({"shape": list(shape), **{v: ms[v] * 1e3 / nfe for v in samplers}})
+    return rows
+
+
+def build_times(reps: int, nfe: int = 20) -> dict[str, float]:
+    """Median ms to build a fresh sampler at `nfe` (the step-table cache emptied first; the bridge
+    and the defaults file read once): the default setting, and the published one."""
+    bridge = PhaseBridge()
+    PhaseSampler(bridge, nfe)  # reads the defaults file once
+
+    def fresh(setting):
+        def build():
+            variants._CACHE.clear()
+            PhaseSampler(bridge, nfe, setting)
+        return build
+
+    out = interleaved_medians({"default": fresh(None), "published": fresh(published_setting(nfe))},
+                              warmup=1, reps=reps)
+    return {k: v * 1e3 for k, v in out.items()}
+
+
+def print_variants(nfe: int, reps: int) -> None:
+    print(f"\nThe variants side by side: sample() with a zero model, NFE {nfe}, {VARIANT_SETTING.label}, "
+          f"ms per evaluation (median of {reps} interleaved runs); "
+          "ratio = data-corrector / multistep-corrector")
+    print("| m0 shape | " + " | ".join(variants.VARIANTS) + " | ratio |")
+    print("|---|" + "---|" * (len(variants.VARIANTS) + 1))
+    for row in variant_table(nfe, reps):
+        shape = f"{row['shape'][0]} x {row['shape'][1:]}"
+        cells = " | ".join(f"{row[v]:.4f}" for v in variants.VARIANTS)
+        print(f"| {shape} | {cells} | {row['data-corrector'] / row['multistep-corrector']:.2f}x |")
+    build = build_times(reps)
+    print(f"fresh sampler build, NFE 20 (median of {reps}): default setting {build['default']:.2f} ms, "
+          f"published setting {build['published']:.2f} ms")
 
 
 # ----------------------------------------------------------------------------- the published way
@@ -193,9 +256,13 @@ def main() -> None:
     parser.add_argument("--nfe", type=int, default=10)
     parser.add_argument("--reps", type=int, default=21, help="interleaved timed runs per case")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--no-published", action="store_true", help="skip part 2 (minutes: the Riemann sums)")
+    parser.add_argument("--no-published", action="store_true", help="skip part 3 (minutes: the Riemann sums)")
+    parser.add_argument("--variants", action="store_true", help="run part 2 (the variants, the build) only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.variants:
+        print_variants(args.nfe, args.reps)
+        return
     print(f"sample() with a zero model, NFE {args.nfe}, {torch.get_num_threads()} torch threads, "
           f"median of {args.reps} interleaved runs")
     print("| m0 shape | lean loop (ms) | PhaseSampler (ms) | ratio | PhaseSampler, multistep-corrector "
@@ -206,11 +273,12 @@ def main() -> None:
         shape = f"{row['shape'][0]} x {row['shape'][1:]}"
         print(f"| {shape} | {row['lean_ms']:.3f} | {row['phase_sampler_ms']:.3f} | {row['ratio']:.2f}x "
               f"| {row['corrector_ms']:.3f} | {row['corrector_ratio']:.2f}x | {peer} |")
+    print_variants(args.nfe, args.reps)
     if args.no_published:
         return
 
     bridge = PhaseBridge()
-    sampler = PhaseSampler(bridge, args.nfe, T=T_HOP, order=ORDER, grid="rev-quad", backend="cpu")
+    sampler = PhaseSampler(bridge, args.nfe, Setting(T_HOP, 2.0, ORDER), backend="cpu")
     reps = max(3, args.reps // 3)
     print(f"\nPhaseSampler vs the published-way loop (median of {reps}):")
     for shape in SHAPES:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
 import torch
 
 from psb_fast.benchmarks._timing import (
@@ -27,6 +26,7 @@ from psb_fast.benchmarks._timing import (
     copy_bandwidth,
     format_row,
     interleaved_medians,
+    parametrize_benchmark,
     print_cuda_table,
     run_cli,
     sweep_shape,
@@ -91,7 +91,7 @@ def suite_case(
     place; `compiled` is torch.compile of reference_formulation (torch.randn noise) or None."""
     bridge = PhaseBridge(mode="SDE")
     m, F = make_inputs(sweep_shape(numel), dtype, device)
-    fns = {backend: step_fn("exact", bridge, m, F, backend) for backend in ("reference", ours)}
+    fns = {backend: step_fn("exact", bridge, m, F, backend) for backend in ("float64", ours)}
     exact = exact_coefficients(bridge, T, H)
     args = (F, H, exact["cx"], exact["cv"], noise_cholesky(transition_covariance(bridge.p, T, H)))
     return KernelCase(fns, None if compiled is None else (lambda: compiled(m, *args)),
@@ -100,20 +100,21 @@ def suite_case(
 
 # ---------------------------------------------------------------- pytest-benchmark suite
 
-CUDA = torch.cuda.is_available()
+PARAMS = {
+    "backend": {"float64": "float64", "cpu": "cpu", "triton": "triton"},
+    "kind": {kind: kind for kind in KINDS},
+    "dtype": {"float32": torch.float32, "bfloat16": torch.bfloat16},
+    "shape": {"toy-2d": (4096, 2), "cifar": CPU_SHAPE, "8M": CUDA_SHAPES[0]},
+}
 
 
-@pytest.mark.parametrize(
-    "backend",
-    ["reference", "cpu", pytest.param("triton", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))],
-)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("shape", [(4096, 2), CPU_SHAPE, CUDA_SHAPES[0]], ids=["toy-2d", "cifar", "8M"])
+def pytest_generate_tests(metafunc) -> None:
+    """The cases below (triton and the 8M-element shape with CUDA only), without importing pytest."""
+    parametrize_benchmark(metafunc, PARAMS, cuda_shapes=CUDA_SHAPES[:1])
+
+
 def test_sde_step(benchmark, backend: str, kind: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     device = "cuda" if backend == "triton" else "cpu"
-    if device == "cpu" and shape == CUDA_SHAPES[0]:
-        pytest.skip("8M elements: CUDA only")
     m, F = make_inputs(shape, dtype, device)
     step = step_fn(kind, PhaseBridge(mode="SDE"), m, F, backend)
     sync = synchronizer(device)
@@ -136,7 +137,7 @@ def bench_cpu(reps: int, warmup: int) -> None:
     fns = {
         f"{kind} {backend}": step_fn(kind, bridge, m, F, backend)
         for kind in KINDS
-        for backend in ("reference", "cpu")
+        for backend in ("float64", "cpu")
     }
     medians = interleaved_medians(fns, warmup=warmup, reps=reps)
     copy_bw = copy_bandwidth("cpu", nbytes=1 << 28)

@@ -9,7 +9,7 @@ On CUDA, PhaseSampler also runs with cuda_graph=True. Medians of interleaved run
 
 Training: optimizer steps/s of psb_fast.train.train (summary["steps_per_s"], checkpoint time
 excluded) with the fused data path (backend "cpu" on CPU, "triton" on CUDA) against the
-plain-PyTorch one (backend "reference"), on toy (gmm-grid, MLP) and digits (UNet); after one
+plain-PyTorch one (backend "float64"), on toy (gmm-grid, MLP) and digits (UNet); after one
 untimed 2-step run per backend, the backends' timed runs alternate and the median over runs is reported.
 
 Every figure is {"value": v, "unit": u}.
@@ -90,7 +90,7 @@ def _graph_fn(bridge: PhaseBridge, model: torch.nn.Module, m0: torch.Tensor, nfe
               where: dict, errors: list) -> Callable[[], object] | None:
     """PhaseSampler(cuda_graph=True).sample, captured now; None (and an `errors` entry) if capture fails."""
     published_at_T = published_setting(nfe).replace(T=T)
-    graphed = PhaseSampler(bridge, nfe, **published_at_T.sampler_kwargs(), cuda_graph=True)
+    graphed = PhaseSampler(bridge, nfe, published_at_T, cuda_graph=True)
     fn = partial(graphed.sample, model, m0)
     try:
         with torch.no_grad():
@@ -116,7 +116,7 @@ def _sampler_rows(device: str, quick: bool, reps: int | None, errors: list) -> l
             m0 = bridge.sample_prior((batch, *spec.x_shape), generator=gen).to(device)
             for nfe in nfes:
                 T = published_setting(nfe).T
-                ours = PhaseSampler(bridge, nfe, **published_setting(nfe).sampler_kwargs(), backend="auto")
+                ours = PhaseSampler(bridge, nfe, published_setting(nfe), backend="auto")
                 fns = {
                     "PhaseSampler": partial(ours.sample, model, m0),
                     "published loop": partial(published_loop, model, m0, bridge, nfe, T),
@@ -165,11 +165,11 @@ def _training_rows(device: str, quick: bool, runs: int | None) -> list[dict]:
     rows = []
     for workload in settings:
         data, model, batch, steps = settings[workload]
-        rates: dict[str, list[float]] = {fused: [], "reference": []}
+        rates: dict[str, list[float]] = {fused: [], "float64": []}
         for backend in rates:
             _steps_per_s(data, model, batch, 2, device, backend)
         for run in range(runs):
-            for backend in (fused, "reference") if run % 2 == 0 else ("reference", fused):
+            for backend in (fused, "float64") if run % 2 == 0 else ("float64", fused):
                 rates[backend].append(_steps_per_s(data, model, batch, steps, device, backend))
         for backend, values in rates.items():
             rows.append({

@@ -48,7 +48,7 @@ def main() -> None:
         published = published_setting(nfe)  # T 0.4, 0.7, 0.9
         T = published.T
         ref = exact_output(mix, bridge, m0, T, hop=True)
-        sampler = PhaseSampler(bridge, nfe, **published.sampler_kwargs(), backend="cpu")
+        sampler = PhaseSampler(bridge, nfe, published, backend="cpu")
         start = time.perf_counter()
         out = sampler.sample(model, m0.float())
         ms = 1e3 * (time.perf_counter() - start)
@@ -59,7 +59,8 @@ def main() -> None:
     print(f"{'order':>5} " + " ".join(f"{'NFE ' + str(n):>9}" for n in nfes))
     for order in range(4):
         errs = [
-            rmse(PhaseSampler(bridge, n, T=0.99, order=order, hop=False, backend="reference")
+            rmse(PhaseSampler(bridge, n, published_setting(n).replace(T=0.99, order=order), hop=False,
+                              backend="float64")
                  .sample(model, m0), ref)
             for n in nfes
         ]

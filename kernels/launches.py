@@ -106,6 +106,9 @@ def wrapper_calls(layout: Layout, dtype: torch.dtype) -> Iterator[tuple[str, Cal
         yield f"phase_step q={q}", lambda q=q: phase_step.phase_step(
             state(), _tensors(layout, dtype, q), 0.1, [0.01] * q, [0.02] * q
         )
+    yield "phase_step transition", lambda: phase_step.phase_step(
+        state(), _tensors(layout, dtype, 2), (0.9, 0.1, -0.05, 0.8), [0.01] * 2, [0.02] * 2
+    )
     yield "phase_hop", lambda: phase_step.phase_hop(
         state(), *_tensors(layout, dtype, 1), 0.5, 2.0, 0.3, 0.2, 1.1
     )
@@ -121,12 +124,12 @@ def wrapper_calls(layout: Layout, dtype: torch.dtype) -> Iterator[tuple[str, Cal
     for has_f in (False, True):
         for chol_name, chol in chols.items():
             for given in (False, True) if chol is not None else (False,):
-                label = f"phase_noise_update F={has_f} {chol_name}{' given xi' if given else ''}"
+                label = f"sde_step F={has_f} {chol_name}{' given xi' if given else ''}"
 
                 def call(has_f=has_f, chol=chol, given=given):
                     F = _tensors(layout, dtype, 1)[0] if has_f else None
                     xi = tuple(_tensors(layout, torch.float32, 2)) if given else None
-                    return sde_step.phase_noise_update(
+                    return sde_step.sde_step(
                         state(), F, 0.1, 0.01, 0.02, chol, seed=layout.seed,
                         offset=layout.row_offset * n, xi=xi,
                     )

@@ -11,9 +11,11 @@ the kernel as float32.
 
 Inputs are validated by `psb_fast.ops.phase_step`; the wrappers here assume valid arguments.
 
-- `phase_step`: the multistep ODE update of m in place,
-      x <- x + h v + sum_j Cx_j F_j,   v <- v + sum_j Cv_j F_j,   j = 0..q-1, q in 1..4
-  (F_0 newest). Bytes moved per element of x: (4 + q) * itemsize.
+- `phase_step`: the multistep update of every solver variant in place (docs/math.md §7.1, §7.4),
+      x <- p_xx x + p_xv v + sum_j Cx_j F_j,   v <- p_vx x + p_vv v + sum_j Cv_j F_j,
+  j = 0..q-1, q in 1..4 (F_0 newest; the sources are model outputs, or the data form's x1
+  estimates); the F form's transition is (1, h, 0, 1). Bytes moved per element of x: (4 + q) *
+  itemsize.
 - `phase_hop_weighted`: the sampling hop x1_hat = a_F F + a_x x + a_v v at t = T (new tensor
   [B, C, ...]) with the weights of `PhaseBridge.hop_weights(T)`; `phase_hop` / `phase_hop_sde`
   take the unfolded scalars instead,
@@ -46,15 +48,17 @@ def _phase_step_kernel(
     m_ptr, f0_ptr, f1_ptr, f2_ptr, f3_ptr,
     stride_m, stride_f0, stride_f1, stride_f2, stride_f3,
     B, n, col_blocks,
-    h, cx0, cx1, cx2, cx3, cv0, cv1, cv2, cv3,
+    p_xx, p_xv, p_vx, p_vv, cx0, cx1, cx2, cx3, cv0, cv1, cv2, cv3,
     NUM_F: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """x <- x + h v + sum_{j < NUM_F} cx_j F_j;  v <- v + sum_{j < NUM_F} cv_j F_j (in place)."""
+    """x <- p_xx x + p_xv v + sum_{j < NUM_F} cx_j F_j;  v <- p_vx x + p_vv v + sum_{j < NUM_F} cv_j F_j
+    (in place). With the F form's (1, h, 0, 1): x + h v and v exactly (1 x and 0 x are exact)."""
     r0, c0, i, j, mask = tile(B, n, col_blocks, BLOCK_R, BLOCK_C)
     x_ptrs = tile_ptrs(m_ptr, stride_m, r0, c0, i, j)
-    x = tl.load(x_ptrs, mask=mask).to(tl.float32)
-    v = tl.load(x_ptrs + n, mask=mask).to(tl.float32)
-    x = x + h * v
+    x0 = tl.load(x_ptrs, mask=mask).to(tl.float32)
+    v0 = tl.load(x_ptrs + n, mask=mask).to(tl.float32)
+    x = p_xx * x0 + p_xv * v0
+    v = p_vx * x0 + p_vv * v0
     f = tl.load(tile_ptrs(f0_ptr, stride_f0, r0, c0, i, j), mask=mask).to(tl.float32)
     x += cx0 * f
     v += cv0 * f
@@ -104,15 +108,17 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
 def phase_step(
     m: torch.Tensor,
     F_hist: Sequence[torch.Tensor],
-    h: float,
+    h: float | tuple[float, float, float, float],
     Cx: Sequence[float],
     Cv: Sequence[float],
 ) -> torch.Tensor:
-    """One multistep ODE update of m = [x | v] in place; returns m.
+    """One multistep update of m = [x | v] in place; returns m.
 
     m: [B, 2C, ...]; F_hist: 1..4 tensors [B, C, ...] (F_hist[0] newest), m's dtype and device;
-    h: step size; Cx, Cv: coefficients of F_hist[j] in the x and v updates (len(F_hist) each).
+    h: the step size (transition (1, h, 0, 1)) or the transition (p_xx, p_xv, p_vx, p_vv);
+    Cx, Cv: coefficients of F_hist[j] in the x and v updates (len(F_hist) each).
     """
+    p_xx, p_xv, p_vx, p_vv = h if isinstance(h, tuple) else (1.0, h, 0.0, 1.0)
     B, n, block_r, block_c, col_blocks, grid = launch_shape(m)
     if grid == 0:
         return m
@@ -126,7 +132,7 @@ def phase_step(
     with on_device(m):
         _phase_step_kernel[(grid,)](
             rows, *fs, rows.stride(0), *(f.stride(0) for f in fs), B, n, col_blocks,
-            float(h), *cx, *cv,
+            float(p_xx), float(p_xv), float(p_vx), float(p_vv), *cx, *cv,
             NUM_F=num_f, BLOCK_R=block_r, BLOCK_C=block_c, **LAUNCH_OPTIONS,
         )
     if view is None:

@@ -23,8 +23,9 @@ caller in float64 (`psb_fast.ops.sde_step`); element math is float32. Wrappers:
 - `sde_exact_step`: exact-noise exponential step, m <- Phi(h) m + (cx, cv) F + chol(Q(t, h)) xi;
 - `em_step`: Euler-Maruyama, x += h v; v += h N F + g sqrt(h) xi_v;
 - `sscs_half_step`: compat SSCS half step, x += s v plus noise with the SSCS half covariance
-  (its middle update v += h N F is `phase_noise_update(m, F, 0, 0, h N)`);
-- `phase_noise_update`: the generic form. Each wrapper takes `xi=(xi_x, xi_v)` to use supplied
+  (its middle update v += h N F is `sde_step(m, F, 0, 0, h N)`);
+- `sde_step`: the generic form, the kernel of the op `psb_fast.sde_step`. Each wrapper takes
+  `xi=(xi_x, xi_v)` to use supplied
   noise tensors instead of the in-kernel draw (debugging, comparison with the reference).
 """
 
@@ -47,7 +48,7 @@ NOISE_NONE, NOISE_PHILOX, NOISE_GIVEN = 0, 1, 2
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def _phase_noise_kernel(
+def _sde_step_kernel(
     m_ptr, f_ptr, xix_ptr, xiv_ptr,
     stride_m, stride_f, B, n, col_blocks,
     h, cx_f, cv_f, lxx, lxv, lvv, seed, offset,
@@ -85,7 +86,7 @@ def _phase_noise_kernel(
     tl.store(x_ptrs + n, v.to(m_ptr.dtype.element_ty), mask=mask)
 
 
-def phase_noise_update(
+def sde_step(
     m: torch.Tensor,
     F: torch.Tensor | None,
     h: float,
@@ -117,7 +118,7 @@ def phase_noise_update(
     else:
         mode, xi_x, xi_v = NOISE_GIVEN, xi[0].contiguous(), xi[1].contiguous()
     with on_device(m):
-        _phase_noise_kernel[(grid,)](
+        _sde_step_kernel[(grid,)](
             rows, f, xi_x, xi_v, rows.stride(0), f.stride(0), B, n, col_blocks,
             float(h), float(cxF), float(cvF), float(lxx), float(lxv), float(lvv), int(seed), int(offset),
             HAS_F=F is not None, NOISE=mode, NOISE_X=mode == NOISE_GIVEN and (lxx != 0.0 or lxv != 0.0),
@@ -136,7 +137,7 @@ def sde_exact_step(
 
     chol: Cholesky factor of the transition covariance Q(t, h) (None when h = 0).
     """
-    return phase_noise_update(m, F, h, cx, cv, chol, seed, offset, xi)
+    return sde_step(m, F, h, cx, cv, chol, seed, offset, xi)
 
 
 def em_step(
@@ -145,7 +146,7 @@ def em_step(
 ) -> torch.Tensor:
     """Euler-Maruyama step in place: x += h v; v += h N F + g sqrt(h) xi_v (g = g(t), N = N(t))."""
     chol = (0.0, 0.0, g * math.sqrt(h)) if h > 0 else None
-    return phase_noise_update(m, F, h, 0.0, h * normalizer, chol, seed, offset, xi)
+    return sde_step(m, F, h, 0.0, h * normalizer, chol, seed, offset, xi)
 
 
 def sscs_half_step(
@@ -153,4 +154,4 @@ def sscs_half_step(
     seed: int = 0, offset: int = 0, xi: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Compat SSCS half step in place: x += s v, plus noise chol xi (chol of the SSCS half covariance)."""
-    return phase_noise_update(m, None, s, 0.0, 0.0, chol, seed, offset, xi)
+    return sde_step(m, None, s, 0.0, 0.0, chol, seed, offset, xi)

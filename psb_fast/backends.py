@@ -1,13 +1,14 @@
 """Backend selection and argument checks shared by every op.
 
-Backends: "triton" (CUDA), "cpu" (fused CPU path), "reference" (plain float64 PyTorch,
-`psb_fast.ops.float64`), "auto". The checks here are host-side and O(dims) unless said
+Backends: "triton" (CUDA), "cpu" (fused CPU path), "float64" (plain float64 PyTorch,
+`psb_fast.ops.float64`; its old name "reference" still selects it, with a warning), "auto". The
+checks here are host-side and O(dims) unless said
 otherwise: memory overlap of two tensors (so in-place ops can copy an input that aliases their
 output), scalar arguments, and finiteness of tensors.
 
 Triton is optional at import: `psb_fast.kernels.*` (and with it `triton`) is imported by
 `kernel_module` the first time an op runs on the "triton" backend, so `import psb_fast` and
-the "cpu" and "reference" backends work without Triton installed.
+the "cpu" and "float64" backends work without Triton installed.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import warnings
 from functools import cache
 from numbers import Real
 from types import ModuleType
 
 import torch
 
-BACKENDS = ("auto", "triton", "cpu", "reference")
+BACKENDS = ("auto", "triton", "cpu", "float64")
+#: Old backend names: still accepted, with a warning naming the new one (`backend_name`).
+OLD_BACKENDS = {"reference": "float64"}
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -30,14 +34,36 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def backend_name(backend: object) -> str:
+    """A backend name of BACKENDS; an old name (OLD_BACKENDS) is mapped to its new one with a
+    FutureWarning (once per process and name). ValueError for anything else."""
+    if isinstance(backend, str) and backend in OLD_BACKENDS:
+        new = OLD_BACKENDS[backend]
+        warn_once(f"backend={backend!r} is now called backend={new!r}; the old name will be removed")
+        return new
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A FutureWarning with this message, the first time it is given in the process (old
+    spellings of arguments: each names its new spelling)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, FutureWarning, stacklevel=3)
+
+
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     """The concrete backend for `tensor`: "auto" is triton for CUDA tensors, cpu otherwise.
 
     Raises ValueError for an unknown name, or "triton" on a CPU tensor outside the interpreter;
     ImportError naming the backend when it resolves to "triton" and Triton is not installed.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = backend_name(backend)
     if backend == "auto":
         if not tensor.is_cuda:
             return "cpu"
@@ -70,7 +96,7 @@ def require_triton(backend: str) -> None:
         via = " (for CUDA tensors 'auto' selects 'triton')" if backend == "auto" else ""
         raise ImportError(
             f"backend={backend!r}{via} needs the 'triton' package, which could not be imported ({error}); "
-            "install it (pip install triton) or pass backend='cpu' or backend='reference'"
+            "install it (pip install triton) or pass backend='cpu' or backend='float64'"
         ) from error
 
 
@@ -85,11 +111,24 @@ def kernel_module(name: str) -> ModuleType:
 
 
 def check_storage(name: str, tensor: torch.Tensor) -> None:
-    """Raise TypeError unless `tensor` is stored as float32, bfloat16 or float16."""
+    """Raise TypeError unless `tensor` is stored as float32, bfloat16 or float16, and ValueError if
+    it takes part in autograd (`check_no_grad`)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in STORAGE_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+    check_no_grad(name, tensor)
+
+
+def check_no_grad(name: str, tensor: torch.Tensor) -> None:
+    """Raise ValueError if `tensor` requires grad while autograd records: the fused ops are not
+    differentiable (no backend records their graph) and the in-place ones cannot update such a
+    tensor, so every backend refuses it the same way, before anything is written."""
+    if tensor.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{name} requires grad, but the fused ops are not differentiable: pass {name}.detach() "
+            "or call them under torch.no_grad()"
+        )
 
 
 # ----------------------------------------------------------------------------- row views

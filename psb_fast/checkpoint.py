@@ -14,6 +14,11 @@ truncated, corrupt or failing-the-check `path` falls back to a good `path.prev` 
 saying what was wrong (fallback=True, the default); without a good file it raises ValueError
 naming the file and why. CheckpointMismatch (a readable file that does not fit the caller, e.g.
 another model's config) is raised as is, without trying `path.prev`.
+
+check_training_state(state, ...) is the check of a training checkpoint (psb_fast.train's resume):
+every entry, type and tensor shape against this run's model, EMA, optimizer, scheduler and RNG
+states, and finite weights; check_tensors(name, saved, expected) the part for one state_dict
+(also used by psb_fast.pretrained).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ import torch
 
 FORMAT = "psb_fast.checkpoint/1"
 TEMPORARY = ".tmp-"  # atomic writes go through `<name>.tmp-<pid>` in the target's folder
+# Entries of a training checkpoint (psb_fast.train), all checked by check_training_state.
+TRAINING_STATE = ("step", "config", "model", "ema", "optimizer", "scheduler", "rng", "x_shape", "num_classes")
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
 
 
 class CheckpointMismatch(ValueError):
@@ -65,7 +73,9 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], keep_previ
     """Write a file with write(f) on `<path>.tmp-<pid>`, fsync it and rename it to `path` at once.
 
     keep_previous: move the current `path` to `<path>.prev` first (save_checkpoint). On any error
-    the temporary file is removed, `path` is left as it was and an OSError names the file.
+    the temporary file is removed and `path` is left as it was. An OSError naming `path` is raised
+    for a failed write, also when `write` turned it into another exception (torch.save reports a
+    full disk as "RuntimeError: ... unexpected pos"): the first OSError of f.write is raised instead.
     """
     path = Path(path)
     tmp = temporary_path(path)
@@ -73,7 +83,15 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], keep_previ
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(tmp, "wb") as f:
-                write(f)
+                recording = _Recording(f)
+                try:
+                    write(recording)
+                except OSError:
+                    raise
+                except Exception as err:
+                    if recording.error is None:
+                        raise
+                    raise recording.error from err
                 f.flush()
                 os.fsync(f.fileno())
             if keep_previous and path.exists():
@@ -83,8 +101,26 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], keep_previ
             tmp.unlink(missing_ok=True)
         _fsync_dir(path.parent)
     except OSError as err:
-        raise naming(err, tmp) from None
+        raise naming(err, path) from None
     return path
+
+
+class _Recording:
+    """A binary file whose write() remembers the first OSError it raised (other calls pass through)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            if self.error is None:
+                self.error = err
+            raise
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._file, name)
 
 
 def naming(err: OSError, path: str | Path) -> OSError:
@@ -164,6 +200,139 @@ def read_checkpoint(
         warnings.warn(f"{error}; loaded the previous good checkpoint {prev} instead", RuntimeWarning,
                       stacklevel=3)
         return state, prev
+
+
+def check_tensors(name: str, saved: object, expected: dict) -> None:
+    """ValueError unless `saved` is a dict of tensors with the keys, shapes and dtypes of `expected`
+    (a state_dict of the model the checkpoint must fit); `name` is the checkpoint entry, for messages."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"entry {name!r} must be a dict of tensors, got {type(saved).__name__}")
+    missing = [k for k in expected if k not in saved]
+    extra = [k for k in saved if k not in expected]
+    if missing or extra:
+        raise ValueError(f"entry {name!r} must hold this model's tensors: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    for key, want in expected.items():
+        got = saved[key]
+        if not isinstance(got, torch.Tensor):
+            raise ValueError(f"entry {name!r}: {key!r} must be a tensor, got {type(got).__name__}")
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise ValueError(f"entry {name!r}: {key!r} must have shape {tuple(want.shape)} and dtype "
+                             f"{want.dtype}, got {tuple(got.shape)} {got.dtype}")
+
+
+def all_finite(tensors: Iterable[object]) -> bool:
+    """Whether every floating-point tensor in `tensors` is finite (one device sync in all; other
+    values are skipped)."""
+    flags = [torch.isfinite(t).all() for t in tensors
+             if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
+    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+def check_training_state(
+    state: dict, *, model: dict, ema: dict, optimizer: torch.optim.Optimizer, scheduler: dict,
+    rng_bytes: tuple[int, int], x_shape: tuple[int, ...], num_classes: int | None,
+    check_config: Callable[[dict], None],
+) -> None:
+    """Check that a loaded training checkpoint can restore a run exactly, before anything is restored.
+
+    state: the loaded checkpoint (TRAINING_STATE entries). model / ema / scheduler: this run's
+    state_dicts, the shapes and dtypes the saved ones must have; optimizer: this run's AdamW;
+    rng_bytes: sizes of a data generator state and of torch's CPU RNG state; x_shape, num_classes:
+    this run's data. check_config(state["config"]) raises CheckpointMismatch when the checkpoint's
+    config differs in a key a resume must keep.
+
+    Raises ValueError saying what is wrong (missing entries, wrong types, tensor shapes or dtypes
+    that do not fit, non-finite weights, another data shape), or CheckpointMismatch from check_config.
+    """
+    missing = [key for key in TRAINING_STATE if key not in state]
+    if missing:
+        raise ValueError(f"entries {missing} are missing")
+    if not isinstance(state["config"], dict):
+        raise ValueError(f"entry 'config' must be a dict, got {type(state['config']).__name__}")
+    check_config(state["config"])
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"entry 'step' must be an int >= 0, got {step!r}")
+    check_tensors("model", state["model"], model)
+    check_tensors("ema", state["ema"], ema)
+    if not all_finite([*state["model"].values(), *state["ema"].values()]):
+        raise ValueError("entries 'model' / 'ema' hold non-finite weights")
+    _check_optimizer(state["optimizer"], optimizer)
+    _check_scheduler(state["scheduler"], scheduler, step)
+    _check_rng(state["rng"], *rng_bytes)
+    if state["x_shape"] != list(x_shape):
+        raise ValueError(f"entry 'x_shape' must be the data's {list(x_shape)}, got {state['x_shape']!r}")
+    if state["num_classes"] != num_classes:
+        raise ValueError(f"entry 'num_classes' must be {num_classes!r}, got {state['num_classes']!r}")
+
+
+def _check_optimizer(saved: object, opt: torch.optim.Optimizer) -> None:
+    """ValueError unless `saved` is an AdamW state_dict for opt's parameter groups and shapes."""
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+            and isinstance(saved.get("param_groups"), list)):
+        raise ValueError("entry 'optimizer' must be a dict with 'state' (a dict) and 'param_groups' (a list)")
+    groups = saved["param_groups"]
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"entry 'optimizer' must have {len(opt.param_groups)} parameter group(s), "
+                         f"got {len(groups)}")
+    shapes = {}
+    for i, (group, ours) in enumerate(zip(groups, opt.param_groups, strict=True)):
+        ids = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(ours["params"]):
+            raise ValueError(f"entry 'optimizer': parameter group {i} must list {len(ours['params'])} "
+                             f"parameters")
+        missing = [k for k in ours if k not in group]
+        if missing:
+            raise ValueError(f"entry 'optimizer': parameter group {i} lacks {missing}")
+        shapes.update(zip(ids, (p.shape for p in ours["params"]), strict=True))
+    for pid, entry in saved["state"].items():
+        if pid not in shapes or not isinstance(entry, dict):
+            raise ValueError(f"entry 'optimizer': state of unknown parameter {pid!r}")
+        for key in ADAMW_STATE:
+            value = entry.get(key)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"entry 'optimizer': parameter {pid} lacks the tensor {key!r}")
+            if key != "step" and value.shape != shapes[pid]:
+                raise ValueError(f"entry 'optimizer': {key!r} of parameter {pid} must have shape "
+                                 f"{tuple(shapes[pid])}, got {tuple(value.shape)}")
+
+
+def _check_scheduler(saved: object, expected: dict, step: int) -> None:
+    """ValueError unless `saved` is a LambdaLR state_dict like `expected`, at `step`."""
+    needed = ("base_lrs", "last_epoch", "lr_lambdas")
+    if not isinstance(saved, dict) or any(k not in saved for k in needed):
+        raise ValueError(f"entry 'scheduler' must be a dict with {list(needed)}")
+    if saved["lr_lambdas"] != expected["lr_lambdas"]:
+        raise ValueError(f"entry 'scheduler': 'lr_lambdas' must be {expected['lr_lambdas']!r}, "
+                         f"got {saved['lr_lambdas']!r}")
+    base = saved["base_lrs"]
+    if not isinstance(base, list) or len(base) != len(expected["base_lrs"]):
+        raise ValueError(f"entry 'scheduler': 'base_lrs' must be a list of {len(expected['base_lrs'])} "
+                         f"number(s), got {base!r}")
+    if saved["last_epoch"] != step:
+        raise ValueError(f"entry 'scheduler' must be at the checkpoint's step {step}, "
+                         f"got {saved['last_epoch']!r}")
+
+
+def _check_rng(saved: object, data_size: int, torch_size: int) -> None:
+    """ValueError unless `saved` holds per-rank RNG states (uint8 tensors of the right sizes)."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"entry 'rng' must be a dict, got {type(saved).__name__}")
+    n = saved.get("world_size")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"entry 'rng': 'world_size' must be an int >= 1, got {n!r}")
+    for key, size in (("data", data_size), ("torch", torch_size), ("cuda", None)):
+        states = saved.get(key)
+        if not isinstance(states, list) or len(states) != n:
+            raise ValueError(f"entry 'rng': {key!r} must be a list of {n} state(s)")
+        for state in states:
+            if size is None and state is None:
+                continue
+            if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1
+                    and (size is None or state.numel() == size)):
+                raise ValueError(f"entry 'rng': {key!r} must hold uint8 generator states"
+                                 f"{'' if size is None else f' of {size} bytes'}")
 
 
 class _Unusable(ValueError):

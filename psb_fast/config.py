@@ -37,12 +37,21 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backends import BACKENDS
+from .backends import BACKENDS, OLD_BACKENDS
 from .bridge import MODES
+from .files import read_json, read_toml
 
 WEIGHTINGS = ("reciprocal", "none")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_SEED = 2**62
+# AdamW's lr and weight decay: far above any useful value (1e-5 .. 1e-2), below where the update
+# lr * m / sqrt(v) (|m| / sqrt(v) <= ~1) or the decay factor 1 - lr * weight_decay overflow float32.
+MAX_LR = 1e6
+MAX_WEIGHT_DECAY = 1e6
+# The largest int a model_kwargs entry may hold (a width, depth, channel count): a network that
+# needs more cannot be allocated on any machine (an MLP of width 65536 already holds ~8.6e9 weights
+# per block pair). train() also checks the parameters' memory before the model is built.
+MAX_MODEL_INT = 2**16
 # Keys a resumed run may change (module docstring); the others must equal the checkpoint's.
 RESUME_CHANGEABLE = ("steps", "warmup_steps", "lr", "weight_decay", "grad_clip", "ema_decay", "ckpt_every",
                      "log_every", "eval_every", "eval_nfes", "eval_samples", "compile", "bf16", "device",
@@ -63,10 +72,10 @@ class TrainConfig:
     ckpt_every / log_every / eval_every: periods in steps (ckpt and eval: 0 = only at the end).
     eval_nfes, eval_samples: PhaseSampler NFEs and sample count of each evaluation (0 samples = off).
     compile: torch.compile the model. bf16: bfloat16 autocast (CUDA only). device: "auto", "cpu",
-    "cuda" or "cuda:N". backend: bridge_sample / PhaseSampler backend ("reference" = the plain
+    "cuda" or "cuda:N". backend: bridge_sample / PhaseSampler backend ("float64" = the plain
     PyTorch data path and loss, for the throughput comparison). threads: CPU threads of torch in
-    this process (0 = auto: AUTO_THREADS_SMALL for data of one dimension such as 2-D points,
-    whose small models run fastest on one thread, torch's default otherwise). FIELD_HELP holds a
+    this process (0 = auto, psb_fast.threads: one thread when a batch holds fewer than
+    psb_fast.threads.SMALL_WORK elements of x, torch's default otherwise). FIELD_HELP holds a
     line per key.
     """
 
@@ -141,10 +150,10 @@ FIELD_HELP = {
     "compile": "torch.compile the model",
     "bf16": "bfloat16 autocast (CUDA only)",
     "device": "auto | cpu | cuda | cuda:N",
-    "backend": "fused-op backend: auto | triton | cpu | reference",
-    "threads": "CPU threads of torch (0 = auto: 1 for 1-D data such as 2-D points, else torch's default)",
+    "backend": "fused-op backend: auto | triton | cpu | float64",
+    "threads": "CPU threads of torch (0 = auto: 1 when a batch holds fewer than psb_fast.threads.SMALL_WORK "
+               "elements of x, else torch's default)",
 }
-AUTO_THREADS_SMALL = 1
 
 
 def field_names() -> list[str]:
@@ -182,23 +191,8 @@ def load_config(path: str | Path) -> TrainConfig:
     path = Path(path)
     if path.suffix not in (".toml", ".json"):
         raise ValueError(f"config file must end in .toml or .json, got {str(path)!r}")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError as exc:  # Python 3.10
-            raise ValueError(f"reading {path} needs Python >= 3.11 (tomllib); use a .json config") from exc
-        try:
-            values = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc
-    else:
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"config file {path} is not valid JSON: {exc}") from exc
+    read = read_toml if path.suffix == ".toml" else read_json
+    values = read(path, "config file")
     return config_from_dict(values, source=f"config file {path}")
 
 
@@ -316,6 +310,8 @@ def _json_or_str(text: str) -> object:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+    except RecursionError:
+        raise ValueError(f"override value {text[:40]!r}... nests deeper than Python can parse") from None
 
 
 def _coerce(name: str, value: object, kind: object) -> object:
@@ -366,8 +362,8 @@ def _validate(cfg: TrainConfig) -> None:
     need(cfg.weighting in WEIGHTINGS, "weighting", f"one of {WEIGHTINGS}")
     need(cfg.batch_size >= 1, "batch_size", ">= 1")
     need(cfg.steps >= 1, "steps", ">= 1")
-    need(cfg.lr > 0, "lr", "> 0")
-    need(cfg.weight_decay >= 0, "weight_decay", ">= 0")
+    need(0 < cfg.lr <= MAX_LR, "lr", f"in (0, {MAX_LR:g}]")
+    need(0 <= cfg.weight_decay <= MAX_WEIGHT_DECAY, "weight_decay", f"in [0, {MAX_WEIGHT_DECAY:g}]")
     need(cfg.warmup_steps >= 0, "warmup_steps", ">= 0")
     need(cfg.grad_clip >= 0, "grad_clip", ">= 0 (0 = no clipping)")
     need(0 <= cfg.ema_decay < 1, "ema_decay", "in [0, 1)")
@@ -380,8 +376,27 @@ def _validate(cfg: TrainConfig) -> None:
     need(cfg.eval_samples >= 0, "eval_samples", ">= 0 (0 = no evaluation)")
     device_ok = cfg.device in DEVICES or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())
     need(device_ok, "device", f"one of {DEVICES} or 'cuda:N'")
-    need(cfg.backend in BACKENDS, "backend", f"one of {BACKENDS}")
+    need(cfg.backend in BACKENDS or cfg.backend in OLD_BACKENDS, "backend", f"one of {BACKENDS}")
     need(cfg.threads >= 0, "threads", ">= 0 (0 = auto)")
+    _check_model_kwargs(cfg.model_kwargs)
+
+
+def _check_model_kwargs(kwargs: dict) -> None:
+    """ValueError naming the entry when a number in model_kwargs (nested lists and dicts included)
+    is not finite or an int is outside [-MAX_MODEL_INT, MAX_MODEL_INT] (a network that size cannot
+    be allocated); make_model checks the names and the rest."""
+    todo: list[tuple[str, object]] = [("model_kwargs", kwargs)]
+    while todo:  # a loop, not recursion: the nesting depth is the user's
+        where, value = todo.pop()
+        if isinstance(value, dict):
+            todo += [(f"{where}.{k}", v) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            todo += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where} must be finite, got {value!r}")
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_MODEL_INT:
+            raise ValueError(f"{where} must be at most {MAX_MODEL_INT} in size (a network that size "
+                             f"cannot be allocated), got {value!r}")
 
 
 def default_config_toml() -> str:

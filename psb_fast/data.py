@@ -20,17 +20,19 @@ Specs:
   when every file is grayscale, else RGB; [C, H, W] scaled by each file's bit depth (0..255, or
   0..65535 for 16-bit grayscale PNGs; PIL reads 16-bit colour PNGs as 8-bit) to [-1, 1]. Images
   over MAX_IMAGE_PIXELS pixels are refused from their header, before they are decoded.
-- "cifar10:DIR": the python-pickle CIFAR-10 layout under DIR/cifar-10-batches-py (data_batch_1..5 for
-  "train", test_batch for "test"), read without torchvision and never downloaded; [3, 32, 32],
+- "cifar10:DIR": the python-pickle CIFAR-10 batches (data_batch_1..5 for "train", test_batch for
+  "test") in DIR, the archive's cifar-10-batches-py folder, or in DIR/cifar-10-batches-py (DIR its
+  parent, as torchvision lays it out), read without torchvision and never downloaded; [3, 32, 32],
   10 classes. The pickles are not trusted: they are read with a restricted unpickler that builds
   only what a CIFAR-10 batch holds (dicts, lists, str, bytes, ints, numpy arrays and dtypes) and
   refuses any other global (so no code in the file runs).
 
 Everything is validated once, at load, and errors (ValueError / TypeError) name the file: no file
 may be empty; .npy files are read without pickles and must hold a float array; .pt files are read
-with torch.load(weights_only=True); float data must be finite once cast to float32 (float64 beyond
-~3.4e38 is refused); labels must be non-negative integers below MAX_CLASSES; CIFAR data must be
-integer arrays [N, 3072] of values in 0..255 with N labels in 0..9.
+with torch.load(weights_only=True) and must hold dense tensors (not sparse, meta, quantized or
+nested); float data must be finite once cast to float32 (float64 beyond ~3.4e38 is refused); labels
+must be non-negative integers below MAX_CLASSES; CIFAR data must be integer arrays [N, 3072] of
+values in 0..255 with N labels in 0..9.
 
 Tensor and image-folder sources have no held-out part: both splits are the whole set. Finite sets
 draw indices uniformly with replacement from the generator, so a run is reproducible from the
@@ -49,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import checks
 from .oracles import mixture_2d_grid
 
 TOY_SETS = ("gmm-grid", "spiral", "checkerboard", "rings")
@@ -61,6 +64,7 @@ _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 _DEEP_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grayscale (PNG)
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image; larger files are refused before decoding
 MAX_CLASSES = 1_000_000  # labels must be < this (a larger label is a corrupt file, not a class)
+CIFAR_FOLDER = "cifar-10-batches-py"  # the folder of the python CIFAR-10 archive
 
 
 class DataSource(ABC):
@@ -92,12 +96,6 @@ class DataSource(ABC):
                 f"num_classes={self.num_classes}, size={self.size})")
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _check_generator(generator: object) -> torch.Generator:
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -108,7 +106,7 @@ def _check_generator(generator: object) -> torch.Generator:
 
 
 def _check_shard(rank: object, world_size: object) -> tuple[int, int]:
-    world_size = _check_positive_int("world_size", world_size)
+    world_size = checks.count("world_size", world_size, 1)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
     return rank, world_size
@@ -123,7 +121,7 @@ class ToyData(DataSource):
         self._eval_seed = 2 * seed + _SPLIT_STREAM[split]
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch_size = _check_positive_int("batch_size", batch_size)
+        batch_size = checks.count("batch_size", batch_size, 1)
         return _TOY_DRAW[self.name](batch_size, _check_generator(generator))
 
     def shard(self, rank: int, world_size: int) -> DataSource:
@@ -135,7 +133,7 @@ class ToyData(DataSource):
         """n points from this split's own seed stream (train and test streams differ)."""
         if n is None:
             raise ValueError(f"{self.name} is generated on the fly: all() needs n, the number of points")
-        n = _check_positive_int("n", n)
+        n = checks.count("n", n, 1)
         return _TOY_DRAW[self.name](n, torch.Generator().manual_seed(self._eval_seed))
 
 
@@ -198,7 +196,7 @@ class TensorData(DataSource):
         return x, None if self._y is None else self._y[index]
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch_size = _check_positive_int("batch_size", batch_size)
+        batch_size = checks.count("batch_size", batch_size, 1)
         generator = _check_generator(generator)
         return self._take(torch.randint(self.size, (batch_size,), generator=generator))
 
@@ -214,7 +212,7 @@ class TensorData(DataSource):
         """The whole set, or its first n points."""
         if n is None:
             return self._take(slice(None))
-        n = _check_positive_int("n", n)
+        n = checks.count("n", n, 1)
         if n > self.size:
             raise ValueError(f"n must be <= the set's size {self.size}, got {n}")
         return self._take(slice(0, n))
@@ -244,6 +242,14 @@ def load_data(spec: str, *, split: str = "train", seed: int = 0) -> DataSource:
             f"got {spec!r}"
         )
     return loaders[kind](spec, Path(location), split)
+
+
+def has_held_out(spec: str) -> bool:
+    """Whether the source `spec` has a held-out "test" split apart from its training data (toy
+    sets, digits, CIFAR-10); tensor files and image folders do not (both splits are the whole set)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"spec must be a str, got {type(spec).__name__}")
+    return spec in TOY_SETS or spec == "digits" or spec.partition(":")[0] == "cifar10"
 
 
 def _load_digits(split: str) -> TensorData:
@@ -293,6 +299,9 @@ def _load_tensor(spec: str, path: Path, split: str) -> TensorData:
         raise ValueError(f"tensor spec: PATH must end in .npy or .pt, got {str(path)!r}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"tensor spec: x in {str(path)!r} must be a tensor, got {type(x).__name__}")
+    _check_plain("x", x, path)
+    if y is not None and isinstance(y, torch.Tensor):
+        _check_plain("y", y, path)
     if not x.is_floating_point():
         raise TypeError(f"tensor spec: x in {str(path)!r} must be a float tensor, got dtype {x.dtype}")
     if x.dim() < 2 or x.shape[0] < 1 or x[0].numel() < 1:
@@ -303,6 +312,15 @@ def _load_tensor(spec: str, path: Path, split: str) -> TensorData:
     if y is not None:
         y, num_classes = _check_labels(y, x.shape[0], str(path))
     return TensorData(spec, x.contiguous(), y, num_classes)
+
+
+def _check_plain(name: str, tensor: torch.Tensor, path: Path) -> None:
+    """TypeError unless `tensor` is a dense (strided) tensor with data (not sparse, not meta)."""
+    if tensor.layout != torch.strided or tensor.is_meta or tensor.is_quantized or tensor.is_nested:
+        kind = "meta" if tensor.is_meta else "quantized" if tensor.is_quantized else \
+            "nested" if tensor.is_nested else str(tensor.layout).removeprefix("torch.")
+        raise TypeError(f"tensor spec: {name} in {str(path)!r} must be a dense tensor holding its values, "
+                        f"got a {kind} tensor")
 
 
 def _read_npy(path: Path) -> np.ndarray:
@@ -498,11 +516,24 @@ def _cifar_labels(labels: object, n: int, where: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
+def _cifar_folder(root: Path, names: list[str]) -> Path:
+    """The folder holding the CIFAR-10 batch files `names`: `root` itself (the cifar-10-batches-py
+    folder) or root/cifar-10-batches-py (its parent, torchvision's download root); ValueError naming
+    both paths tried when neither holds the first file."""
+    tried = [root, root / CIFAR_FOLDER] if root.name != CIFAR_FOLDER else [root]
+    for folder in tried:
+        if (folder / names[0]).exists():
+            return folder
+    raise ValueError(f"cifar10 spec: no CIFAR-10 batches found: tried "
+                     f"{' and '.join(repr(str(folder / names[0])) for folder in tried)}; expected DIR to be "
+                     f"the {CIFAR_FOLDER} folder of the python CIFAR-10 archive, or the folder holding it")
+
+
 def _load_cifar10(spec: str, root: Path, split: str) -> TensorData:
-    folder = root / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    folder = _cifar_folder(root, names)
     for name in names:
-        _require_file(folder / name, "cifar10 spec (expected torchvision's python CIFAR-10 layout)")
+        _require_file(folder / name, "cifar10 spec (expected the python CIFAR-10 layout)")
     batches = [_read_cifar_batch(folder / name) for name in names]
     xs, ys = [x for x, _ in batches], [y for _, y in batches]
     return TensorData(spec, torch.cat(xs).contiguous(), torch.cat(ys), 10)

@@ -1,29 +1,33 @@
-"""The per-NFE sampler defaults: the data file psb_fast/defaults.json, read and checked here.
+"""The sampler defaults: one smooth rule of the NFE, stored as data in psb_fast/defaults.json.
 
 `PhaseSampler(bridge, nfe)` (probability flow with the hop) takes T, order, grid and solver
-variant from `default_setting(nfe)`. The file is data, written by one command from the defaults
-study's results (never by hand; studies/ is in the repository, not in the package):
+variant from `default_setting(nfe)`, for every NFE >= 1. The rule has few parameters, fitted by
+the defaults study and written by one command (never by hand; studies/ is in the repository, not
+in the package):
 
     python -m studies.make_defaults    # benchmarks/results/defaults_study/*.json -> psb_fast/defaults.json
 
-Schema ("format": "psb_fast.defaults/2"):
+The rule (docs of the fit: studies/defaults_study.py):
+
+    hop time      1 - T = clip(a * nfe^-b, tau_min, tau_max)      (rounded to 6 decimals)
+    grid          the power-q grid from t0 to T (q fixed; q = 1 is uniform in t)
+    order         orders[i] for from_nfe[i] <= nfe < from_nfe[i + 1], lowered to what the NFE
+                  can use (`Setting.effective`: at most nfe - 2 earlier outputs)
+    variant       one solver variant for every NFE
+
+so the setting changes smoothly with the NFE (only the order steps, where the higher order was
+measured to be better) and no NFE falls back to another family of settings.
+
+Schema ("format": "psb_fast.defaults/3"):
 
     {"format": ..., "command": <the command above>, "about": <text>,
-     "stages": {<stage>: {"results", "command", "problems", "scores": <what the numbers are>}},
-     "entries": {"<nfe>": {
-         "setting": {"T", "q", "order", "fractions" (list or null), "variant"},   # psb_fast.settings.Setting
-         "source": "tuned" | "published",        # published: equal to published_setting(nfe)
-         "stage": "search",                      # the study stage that chose the setting
-         "pick": <how, e.g. "searched", "interpolated", "interpolated (alternate)", "fallback: published">,
-         "scores": {"search": {...}, "validate": [...], "trained": [...]}}}}
+     "rule": {"variant": str, "q": float,
+              "tau": {"a": float, "b": float, "min": float, "max": float},
+              "order": {"from_nfe": [1, n2, ...] (increasing ints, first 1), "orders": [int 0..3, ...]}},
+     "provenance": {<stage>: {"results", "command", "problems", ...}},
+     "scores": {"fit": {...}, "validate": {"<nfe>": {...}}, "trained": {"<nfe>": {...}}, "test": {...}}}
 
-Stages (studies/defaults_study.py): "search" scores candidates at anchor NFEs on generated
-exact-drift problems of the tune split; "validate" checks each NFE's pick and its alternate on the
-validate split; "trained" checks them on trained models. Entries cover NFE 1..N without gaps; an
-NFE above N uses entry N's T, q, order and variant on the power-q grid. A "published" entry must
-equal published_setting(nfe) (T to 1e-9, the rest exactly) and then is that setting exactly (T =
-published_T(nfe), e.g. 0.8200000000000001 at NFE 16, stored as 0.82). The file is checked when
-read: a malformed one raises ValueError naming the entry and the field.
+The file is checked when read: a malformed one raises ValueError naming the field.
 """
 
 from __future__ import annotations
@@ -33,52 +37,63 @@ import json
 import math
 import os
 from functools import lru_cache
+from numbers import Real
 from pathlib import Path
 
 import torch
 
-from . import grids
-from .settings import Setting, published_setting
+from .settings import VARIANTS, Setting
 
-FORMAT = "psb_fast.defaults/2"
+FORMAT = "psb_fast.defaults/3"
 PATH = Path(__file__).with_name("defaults.json")
-SOURCES = ("tuned", "published")
-STAGES = ("search",)
-ENTRY_KEYS = ("setting", "source", "stage", "pick", "scores")
+KEYS = ("format", "command", "about", "rule", "provenance", "scores")
+TAU_DECIMALS = 6
 
 
 def default_setting(nfe: int) -> Setting:
-    """The default setting for this NFE (an int >= 1); above the last entry, its T, q and order on
-    the power-q grid."""
-    entry = default_entry(nfe)
-    setting = entry["setting"]
-    return setting if entry["nfe"] == nfe else setting.replace(fractions=None)
+    """The default setting for this NFE (an int >= 1): the rule of psb_fast/defaults.json."""
+    return rule_setting(_package_defaults()["rule"], nfe)
 
 
 def default_entry(nfe: int) -> dict:
-    """The defaults file's entry for this NFE: {"nfe" (the entry's NFE: min(nfe, last)), "setting"
-    (a Setting), "source", "stage", "pick", "scores"} (a copy; module docstring)."""
+    """{"nfe", "setting" (a Setting), "source": "rule", "stage": "fit", "pick" (the rule in words),
+    "scores" (the file's scores recorded at this NFE, by stage; may be empty)} (a copy)."""
+    setting = default_setting(nfe)
+    payload = _package_defaults()
+    scores = {stage: copy.deepcopy(rec[str(nfe)]) for stage, rec in payload["scores"].items()
+              if isinstance(rec, dict) and isinstance(rec.get(str(nfe)), dict)}
+    return {"nfe": nfe, "setting": setting, "source": "rule", "stage": "fit",
+            "pick": describe_rule(payload["rule"]), "scores": scores}
+
+
+def rule_setting(rule: dict, nfe: int) -> Setting:
+    """The setting a checked rule (module docstring) gives at this NFE."""
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
-    entries = _package_defaults()
-    n = min(nfe, max(entries))
-    return {"nfe": n, **copy.deepcopy(entries[n])}
+    tau = rule["tau"]
+    hop = min(max(tau["a"] * nfe ** -tau["b"], tau["min"]), tau["max"])
+    T = round(1.0 - hop, TAU_DECIMALS)
+    order_rule = rule["order"]
+    order = order_rule["orders"][sum(n <= nfe for n in order_rule["from_nfe"]) - 1]
+    return Setting(T, rule["q"], order, None, rule["variant"]).effective(nfe)
+
+
+def describe_rule(rule: dict) -> str:
+    """The rule in one line, e.g. "data-corrector, q 1, 1 - T = clip(1.2 nfe^-0.8, 0.01, 0.6), order
+    1 from NFE 1, 2 from NFE 6"."""
+    tau, order = rule["tau"], rule["order"]
+    steps = ", ".join(f"{o} from NFE {n}" for n, o in zip(order["from_nfe"], order["orders"], strict=True))
+    return (f"{rule['variant']}, q {rule['q']:g}, 1 - T = clip({tau['a']:.4g} nfe^-{tau['b']:.4g}, "
+            f"{tau['min']:g}, {tau['max']:g}), order {steps}")
 
 
 def tuned_grid(nfe: int, t0: float, T: float) -> torch.Tensor:
-    """The default grid for this NFE (its q and fractions) mapped to [t0, T], float64 [nfe]."""
+    """The default grid for this NFE (its power q) mapped to [t0, T], float64 [nfe]."""
     return default_setting(nfe).replace(T=T).grid(nfe, t0)
 
 
-def make_grid(name: str, n: int, t0: float, T: float) -> torch.Tensor:
-    """`psb_fast.grids.make_grid` with "tuned" too: the n times of the named grid, float64 [n]."""
-    if grids.parse_grid(name)[0] == "tuned":
-        return tuned_grid(n, t0, T)
-    return grids.make_grid(name, n, t0, T)
-
-
-def load_defaults(path: str | os.PathLike = PATH) -> dict[int, dict]:
-    """Read and check a defaults file: {nfe: entry} with each entry's "setting" a Setting."""
+def load_defaults(path: str | os.PathLike = PATH) -> dict:
+    """Read and check a defaults file; returns its payload (module docstring)."""
     try:
         with open(path, encoding="utf-8") as fh:
             payload = json.load(fh)
@@ -87,52 +102,54 @@ def load_defaults(path: str | os.PathLike = PATH) -> dict[int, dict]:
     return check_defaults(payload, str(path))
 
 
-def check_defaults(payload: object, where: str = "defaults") -> dict[int, dict]:
-    """Check a defaults payload (module docstring) and return {nfe: entry} with Settings."""
+def check_defaults(payload: object, where: str = "defaults") -> dict:
+    """Check a defaults payload (module docstring) and return it."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{where}: expected a JSON object with \"format\": {FORMAT!r}")
-    raw = payload.get("entries")
-    if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{where}: 'entries' must be a non-empty object mapping NFE -> entry")
-    if not all(isinstance(k, str) and k.isdigit() and k == str(int(k)) for k in raw):
-        raise ValueError(f"{where}: entry keys must be NFEs written as integers, got {sorted(raw)}")
-    nfes = sorted(int(k) for k in raw)
-    if nfes != list(range(1, len(nfes) + 1)):
-        raise ValueError(f"{where}: entries must cover NFE 1..N without gaps, got {nfes}")
-    return {nfe: _check_entry(raw[str(nfe)], nfe, f"{where}: NFE {nfe}") for nfe in nfes}
-
-
-def _check_entry(entry: object, nfe: int, where: str) -> dict:
-    if not isinstance(entry, dict):
-        raise ValueError(f"{where}: an entry must be a JSON object, got {entry!r}")
-    missing = [k for k in ("setting", "source", "stage") if k not in entry]
-    unknown = sorted(set(entry) - set(ENTRY_KEYS))
+    missing = [k for k in KEYS if k not in payload]
+    unknown = sorted(set(payload) - set(KEYS))
     if missing or unknown:
-        raise ValueError(f"{where}: entry keys must be {list(ENTRY_KEYS)} (setting, source and stage "
-                         f"required); missing {missing}, unknown {unknown}")
-    try:
-        setting = Setting.from_json(entry["setting"], strict=True)
-        setting.check(nfe, 0.0)
-    except ValueError as err:
-        raise ValueError(f"{where}: setting: {err}") from None
-    if entry["source"] not in SOURCES:
-        raise ValueError(f"{where}: source must be one of {SOURCES}, got {entry['source']!r}")
-    if entry["stage"] not in STAGES:
-        raise ValueError(f"{where}: stage must be one of {STAGES}, got {entry['stage']!r}")
-    if "pick" in entry and not isinstance(entry["pick"], str):
-        raise ValueError(f"{where}: pick must be a string, got {entry['pick']!r}")
-    if "scores" in entry and not isinstance(entry["scores"], dict):
-        raise ValueError(f"{where}: scores must be an object, got {entry['scores']!r}")
-    if entry["source"] == "published":
-        published = published_setting(nfe)
-        if not (math.isclose(setting.T, published.T, rel_tol=0, abs_tol=1e-9)
-                and setting.replace(T=published.T) == published):
-            raise ValueError(f"{where}: source 'published' needs the published setting "
-                             f"({published.label}, power grid), got {setting.label}")
-        setting = published
-    return {**entry, "setting": setting}
+        raise ValueError(f"{where}: keys must be {list(KEYS)}; missing {missing}, unknown {unknown}")
+    for key in ("provenance", "scores"):
+        if not isinstance(payload[key], dict):
+            raise ValueError(f"{where}: {key} must be an object, got {payload[key]!r}")
+    check_rule(payload["rule"], f"{where}: rule")
+    return payload
+
+
+def check_rule(rule: object, where: str = "rule") -> None:
+    """Raise ValueError naming the field unless `rule` is a valid rule (module docstring)."""
+    if not isinstance(rule, dict) or set(rule) != {"variant", "q", "tau", "order"}:
+        got = sorted(rule) if isinstance(rule, dict) else rule
+        raise ValueError(f"{where}: must be an object with keys variant, q, tau, order, got {got!r}")
+    if rule["variant"] not in VARIANTS:
+        raise ValueError(f"{where}: variant must be one of {VARIANTS}, got {rule['variant']!r}")
+    if not _finite(rule["q"]) or not rule["q"] > 0:
+        raise ValueError(f"{where}: q must be a finite number > 0, got {rule['q']!r}")
+    tau = rule["tau"]
+    if not isinstance(tau, dict) or set(tau) != {"a", "b", "min", "max"}:
+        raise ValueError(f"{where}: tau must be an object with keys a, b, min, max, got {tau!r}")
+    for key in ("a", "b", "min", "max"):
+        if not _finite(tau[key]):
+            raise ValueError(f"{where}: tau.{key} must be a finite number, got {tau[key]!r}")
+    if not (tau["a"] > 0 and tau["b"] >= 0 and 0 < tau["min"] <= tau["max"] < 1):
+        raise ValueError(f"{where}: tau needs a > 0, b >= 0 and 0 < min <= max < 1, got {tau}")
+    order = rule["order"]
+    if not isinstance(order, dict) or set(order) != {"from_nfe", "orders"}:
+        raise ValueError(f"{where}: order must be an object with keys from_nfe, orders, got {order!r}")
+    starts, orders = order["from_nfe"], order["orders"]
+    ints = isinstance(starts, list) and isinstance(orders, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in starts + orders)
+    if not ints or not starts or len(starts) != len(orders) or starts[0] != 1 or any(
+            b <= a for a, b in zip(starts, starts[1:], strict=False)) or any(not 0 <= o <= 3 for o in orders):
+        raise ValueError(f"{where}: order.from_nfe must be increasing ints starting at 1 and order.orders "
+                         f"as many ints in 0..3, got {order!r}")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @lru_cache(maxsize=1)
-def _package_defaults() -> dict[int, dict]:
+def _package_defaults() -> dict:
     return load_defaults(PATH)

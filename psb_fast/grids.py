@@ -8,10 +8,17 @@ with r_i = i/(n-1) (the plain power-q grid; q = 2 is the published "rev-quad") o
 0 = r_0 < r_1 < ... < r_{n-1} = 1 in the power-q coordinate (a tuned grid: it maps to any t0 and
 T). The end points are set exactly to t0 and T. "uniform" is n equally spaced times (torch.linspace).
 
-Grid names (`PhaseSampler(grid=...)`, `psb-fast sample --grid`): "tuned" (the package default's
-grid for this NFE, `psb_fast.defaults`), "rev-quad", "uniform", or "power-<q>" for any q > 0
-(e.g. "power-1.5"). `parse_grid` reads a name, `make_grid` builds it, `explicit_grid` checks user
-times. Bad arguments raise ValueError naming the argument.
+Grid names (`PhaseSampler(grid=...)`, `psb-fast sample --grid`): "default" (the package default's
+grid for this NFE, `psb_fast.defaults`; "tuned" is its old name), "rev-quad", "uniform", or
+"power-<q>" for any q > 0 (e.g. "power-1.5"). `parse_grid` reads a name, `make_grid` builds it,
+`explicit_grid` checks user times. Bad arguments raise ValueError naming the argument.
+
+Minimum spacing (docs/math.md §10.1): every grid this module returns (power grids, tuned fractions,
+uniform and explicit grids) passes `check_spacing`: each step h_i = t_{i+1} - t_i is at least
+1/MAX_STEP_RATIO of each neighbouring step and MIN_STEP_ULPS units in the last place of t_{i+1}
+in the time dtype (float32: the dtype in which the fast backends give t to the model). Nearly
+coincident nodes are refused with one line naming them, instead of coefficients that amplify
+rounding and model error by the step ratio.
 
 reference/grids.py is the reference implementation's own transcription of the same formulas
 (the independent oracle); production code does not import it.
@@ -21,11 +28,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from numbers import Real
 
 import torch
 
-GRID_NAMES = ("tuned", "rev-quad", "uniform", "power-<q>")
+from . import checks
+
+GRID_NAMES = ("default", "rev-quad", "uniform", "power-<q>")  # "tuned": the old name of "default"
+#: Adjacent steps may differ by at most this factor: the correctors' error grows in proportion to it.
+MAX_STEP_RATIO = 1e3
+#: A step spans at least this many units in the last place of its end time in the time dtype, so the
+#: model sees it with a relative rounding error of at most 1/64.
+MIN_STEP_ULPS = 64
+#: The time dtype grids are checked for by default: the one the float32 backends give the model.
+TIME_DTYPE = torch.float32
 #: The grid of the published sampler: the power grid with q = 2.
 PUBLISHED_GRID = "rev-quad"
 
@@ -33,7 +48,7 @@ PUBLISHED_GRID = "rev-quad"
 def parse_grid(name: object) -> tuple[str, float | None]:
     """A grid name as (kind, q): ("tuned", None), ("uniform", None) or ("power", q), with q = 2.0
     for "rev-quad" and q from "power-<q>" (a finite number > 0). ValueError naming `grid` else."""
-    if name in ("tuned", "uniform"):
+    if name in ("default", "tuned", "uniform"):
         return str(name), None
     if name == "rev-quad":
         return "power", 2.0
@@ -56,11 +71,11 @@ def grid_name(q: float) -> str:
 def make_grid(name: str, n: int, t0: float, T: float) -> torch.Tensor:
     """The n evaluation times of the named grid from t0 to T, float64 [n] (module docstring).
 
-    "tuned" depends on the package defaults, which build on this module: `psb_fast.defaults.make_grid`
-    (also `psb_fast.sampler.make_grid`) makes it."""
+    "default" depends on the package defaults, which build on this module: it is
+    `default_setting(n).grid(n, t0)` (psb_fast.defaults)."""
     kind, q = parse_grid(name)
-    if kind == "tuned":
-        raise ValueError("the 'tuned' grid is the package default's: use psb_fast.defaults.make_grid")
+    if kind in ("default", "tuned"):
+        raise ValueError(f"the {name!r} grid is the package default's: use default_setting(n).grid(n, t0)")
     if kind == "uniform":
         return uniform_grid(n, t0, T)
     return power_grid(n, t0, T, q)
@@ -76,7 +91,7 @@ def power_grid(
     T < 1 (and t0 < T for n > 1), q finite > 0.
     """
     _check_span(n, t0, T)
-    q = _finite("q", q)
+    q = checks.number("q", q)
     if q <= 0:
         raise ValueError(f"q (the grid order) must be > 0, got {q!r}")
     if n == 1:
@@ -90,7 +105,7 @@ def power_grid(
     a, b = float(t0) ** (1.0 / q), float(T) ** (1.0 / q)
     grid = (a + r * (b - a)) ** q
     grid[0], grid[-1] = float(t0), float(T)
-    return grid
+    return check_spacing(grid)
 
 
 def rev_quad_grid(n: int, t0: float, T: float) -> torch.Tensor:
@@ -103,7 +118,7 @@ def uniform_grid(n: int, t0: float, T: float) -> torch.Tensor:
     _check_span(n, t0, T)
     if n == 1:
         return torch.tensor([float(t0)], dtype=torch.float64)
-    return torch.linspace(float(t0), float(T), n, dtype=torch.float64)
+    return check_spacing(torch.linspace(float(t0), float(T), n, dtype=torch.float64))
 
 
 def check_fractions(fractions: object, n: int | None = None) -> tuple[float, ...]:
@@ -146,19 +161,42 @@ def explicit_grid(times: Sequence[float] | torch.Tensor, n: int, t0: float) -> t
         raise ValueError(f"grid times must be finite and strictly increasing, got {grid.tolist()}")
     if not math.isclose(float(grid[0]), t0, rel_tol=0, abs_tol=1e-12):
         raise ValueError(f"grid must start at t0={t0}, got {float(grid[0])!r}")
+    return check_spacing(grid)
+
+
+def min_steps(grid: torch.Tensor, dtype: torch.dtype = TIME_DTYPE) -> torch.Tensor:
+    """The smallest allowed step at each position of `grid` (float64 [n - 1]): the larger of
+    1/MAX_STEP_RATIO of the larger neighbouring step and MIN_STEP_ULPS * eps(dtype) * t_{i+1}."""
+    grid = torch.as_tensor(grid, dtype=torch.float64)
+    h = grid.diff()
+    neighbour = torch.zeros_like(h)
+    if h.numel() > 1:
+        neighbour[1:] = h[:-1]
+        neighbour[:-1] = torch.maximum(neighbour[:-1], h[1:])
+    ulps = MIN_STEP_ULPS * torch.finfo(dtype).eps * grid[1:].abs()
+    return torch.maximum(neighbour / MAX_STEP_RATIO, ulps)
+
+
+def check_spacing(grid: torch.Tensor, dtype: torch.dtype = TIME_DTYPE) -> torch.Tensor:
+    """`grid` (float64 [n], increasing) when no two adjacent nodes are closer than `min_steps` allows;
+    else ValueError naming the first such pair, their step and the minimum (docs/math.md §10.1)."""
+    if grid.numel() < 2:
+        return grid
+    h, floor = grid.diff(), min_steps(grid, dtype)
+    bad = torch.nonzero(~(h >= floor))
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise ValueError(
+            f"grid nodes t[{i}]={float(grid[i])!r} and t[{i + 1}]={float(grid[i + 1])!r} are too close: "
+            f"step {float(h[i]):.3g} < the minimum {float(floor[i]):.3g} (1/{MAX_STEP_RATIO:g} of a "
+            f"neighbouring step, and {MIN_STEP_ULPS} {str(dtype).replace('torch.', '')} ulps of the time; "
+            f"docs/math.md §10.1)")
     return grid
 
 
-def _finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
 def _check_span(n: object, t0: object, T: object) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"nfe must be an int >= 1, got {n!r}")
-    t0, T = _finite("t0", t0), _finite("T", T)
+    checks.count("nfe", n, 1)
+    t0, T = checks.number("t0", t0), checks.number("T", T)
     if not 0 <= t0 < 1:
         raise ValueError(f"t0 must be in [0, 1), got {t0!r}")
     if not T < 1 or (n > 1 and not t0 < T):

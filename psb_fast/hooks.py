@@ -68,11 +68,14 @@ class Guidance:
         if self.known is not None:
             hooks.after_eval.append(self.estimate)
 
-    def redraw(self, i: int, m: torch.Tensor) -> None:
-        """Before evaluation i: v from its bridge conditional given x and x1 = the stroke."""
-        if i < self.redraws:
-            target = self.stroke if self.known is None else fill_unknown(self.stroke, self.known, self.x1_hat)
-            redraw_velocity(m, target, self.plan.coefficients_at(i), self.generator)
+    def redraw(self, i: int, m: torch.Tensor) -> bool:
+        """Before evaluation i: v from its bridge conditional given x and x1 = the stroke. True when
+        v was replaced (the corrector then leaves step i - 1 as it is: `psb_fast.loop.Hooks`)."""
+        if i >= self.redraws:
+            return False
+        target = self.stroke if self.known is None else fill_unknown(self.stroke, self.known, self.x1_hat)
+        redraw_velocity(m, target, self.plan.coefficients_at(i), self.generator)
+        return True
 
     def estimate(self, i: int, m: torch.Tensor, F: torch.Tensor) -> None:
         """After evaluation i (inpaint): the x1 estimate that fills the next redraw's unknown entries."""

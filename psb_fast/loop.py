@@ -6,17 +6,18 @@
         hooks.before_eval(i, m)          # e.g. SSCS's first half step, a guidance velocity redraw
         F_i = evaluate(i, m)             # the model at t_i, checked (`ModelCall`)
         correct(i, m, F_i)               # corrector variants only: step i - 1 redone with F_i
+                                         # (not applied when a before_eval hook replaced part of m)
         hooks.after_eval(i, m, F_i)      # e.g. progress, callback, trajectory
         if i == n_steps: stop            # with the hop the last evaluation is at T: no step after it
-        step(i, m, F_i)                  # m_{i+1} from m_i and F_i, F_{i-1}, ... (`Multistep`, SDE steps)
+        step(i, m, F_i)                  # m_{i+1} from m_i and Y_i, Y_{i-1}, ... (`variants.Steps`; SDE)
         hooks.after_step(i, m)           # e.g. the state's finiteness check
 
 and returns the last output, from which the caller takes the hop (x1 = a_F F + a_x x + a_v v at
 T). PhaseSampler runs it on a float32 state with the fused steps of `psb_fast.ops` (scalar
 coefficients, arguments validated once per call); tuning runs it on a float64 batch that stacks
-many settings, each row with its own times, multistep coefficients and hop weights
-(`multistep_rows`, `hop_rows`). Both use the checked model call (`ModelCall`) and the multistep
-update with its version-checked history (`Multistep`). The finiteness checks (`check_finite`,
+many settings, each row with its own times, step coefficients and hop weights (`affine_rows`,
+`hop_rows`). Both use the checked model call (`ModelCall`) and the variants' one step path with
+its version-checked history (`psb_fast.variants.Steps`). The finiteness checks (`check_finite`,
 `raise_first_nonfinite`) are the sampler's: a tuning sweep keeps going when one setting diverges.
 """
 
@@ -31,7 +32,7 @@ import torch
 from .backends import all_finite, finite_flag, first_nonfinite, overlaps
 from .bridge import split_phase
 
-Hook = Callable[..., None]
+Hook = Callable[..., bool | None]
 
 
 @dataclass
@@ -39,7 +40,11 @@ class Hooks:
     """Optional pieces run around each step of `integrate`, in list order.
 
     before_eval(i, m) runs before evaluation i, after_eval(i, m, F_i) after it, after_step(i, m)
-    after step i. A hook may update m in place (SSCS's half step, a velocity redraw).
+    after step i. A hook may update m in place (SSCS's half step, a velocity redraw). A before_eval
+    hook returns True when it replaced part of m (a guidance redraw): m_i is then no longer the
+    output of step i - 1, so the corrector does not redo that step (its correction is the difference
+    of two integrations from m_{i-1} and would carry the jump into the state); F_i is still kept as
+    the history of later steps.
     """
 
     before_eval: list[Hook] = field(default_factory=list)
@@ -66,11 +71,12 @@ def integrate(
     """
     F = None
     for i in range(nfe):
+        replaced = False
         for hook in hooks.before_eval:
-            hook(i, m)
+            replaced = (hook(i, m) is True) or replaced
         F = evaluate(i, m)  # F_i = F_theta(m_i, t_i)
-        if correct is not None:
-            correct(i, m, F)  # corrector variants: step i - 1 redone with F_i (no extra evaluation)
+        if correct is not None:  # corrector variants: step i - 1 redone with F_i (no extra evaluation)
+            correct(i, m, F, apply=not replaced)
         for hook in hooks.after_eval:
             hook(i, m, F)
         if i == n_steps:  # t_i = T: the hop follows
@@ -141,54 +147,35 @@ class ModelCall:
         return "" if self.t_values is None else f" (t={self.t_values[i]:.6g})"
 
 
-# ----------------------------------------------------------------------------- the multistep update
+# ----------------------------------------------------------------------------- per-row updates (tuning)
 
 
-class Multistep:
-    """step(i, m, F_i) for `integrate`: the exponential multistep update (docs/math.md §7.1),
-
-        x_{i+1} = x_i + h_i v_i + sum_{j<=q} Cx_{i,j} F_{i-j},   v_{i+1} = v_i + sum_{j<=q} Cv_{i,j} F_{i-j},
-
-    q = min(i, order), with the history of the last order + 1 outputs (newest first).
-
-    rows[i] = (t_i, h_i, Cx_i, Cv_i): the step's time (for messages; None for per-row times) and
-    coefficients, q + 1 of each; update(m, F_hist, h, Cx, Cv) applies them in place (a fused
-    `psb_fast.ops.phase_step`, or `multistep_rows`). Outputs kept from earlier steps are checked
-    unchanged through torch's version counter (`check_history`): a model that writes into an
-    output it returned earlier would otherwise corrupt the update silently.
-    """
-
-    def __init__(self, rows: Sequence[tuple], order: int, update: Callable[..., object]) -> None:
-        self.rows, self.order, self.update = rows, order, update
-        self.history: list[tuple[int, torch.Tensor, int | None]] = []  # (step, F, version), newest first
-
-    def __call__(self, i: int, m: torch.Tensor, F: torch.Tensor) -> None:
-        history = self.history
-        history.insert(0, (i, F, version_of(F)))
-        del history[self.order + 1 :]
-        t, h, Cx, Cv = self.rows[i]
-        check_history(history, i, t)
-        self.update(m, [F_j for _, F_j, _ in history], h, Cx, Cv)
-
-
-def multistep_rows(
+def affine_rows(
     m: torch.Tensor,
-    F_hist: Sequence[torch.Tensor],
-    h: torch.Tensor,
+    sources: Sequence[torch.Tensor],
+    phi: torch.Tensor | tuple[torch.Tensor, ...],
     Cx: Sequence[torch.Tensor],
     Cv: Sequence[torch.Tensor],
 ) -> torch.Tensor:
-    """The multistep update with per-row coefficients, in place on m; returns m.
+    """`phase_step`'s update with per-row coefficients, in place on m; returns m.
 
-    For a batch that stacks several settings (tuning): h and each Cx[j], Cv[j] are [B, 1, ...]
-    tensors broadcasting against x (m's dtype and device), F_hist the outputs newest first. The
-    same sums in the same order as `phase_step`: x += h v, then x += Cx_j F_j, v += Cv_j F_j.
+    For a batch that stacks several settings (tuning): phi is h ([B, 1, ...], the F form's
+    transition [[1, h], [0, 1]]; a float 0.0 for none) or (p_xx, p_xv, p_vx, p_vv); each Cx[j],
+    Cv[j] is a [B, 1, ...] tensor broadcasting against x (m's dtype and device); sources newest
+    first. The F form takes the same sums in the same order as `phase_step`: x += h v, then
+    x += Cx_j S_j, v += Cv_j S_j.
     """
     x, v = split_phase(m)
-    x.addcmul_(h, v)
-    for F, a, b in zip(F_hist, Cx, Cv, strict=True):
-        x.addcmul_(a, F)
-        v.addcmul_(b, F)
+    if isinstance(phi, tuple):
+        p_xx, p_xv, p_vx, p_vv = phi
+        x_new = x * p_xx + v * p_xv
+        v.mul_(p_vv).addcmul_(p_vx, x)
+        x.copy_(x_new)
+    elif isinstance(phi, torch.Tensor):
+        x.addcmul_(phi, v)
+    for S, a, b in zip(sources, Cx, Cv, strict=True):
+        x.addcmul_(a, S)
+        v.addcmul_(b, S)
     return m
 
 

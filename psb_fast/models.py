@@ -17,18 +17,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F_
 
+from . import checks
+
 _MAX_PERIOD = 10_000.0
 _TIME_SCALE = 1000.0
 
 
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _check_num_classes(num_classes: object) -> int | None:
-    return None if num_classes is None else _check_int("num_classes", num_classes)
+    return None if num_classes is None else checks.count("num_classes", num_classes, 1)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -109,9 +105,9 @@ class ResMLP(nn.Module):
     def __init__(self, dim: int, hidden: int = 256, depth: int = 4, time_dim: int = 64,
                  num_classes: int | None = None) -> None:
         super().__init__()
-        self.dim = _check_int("dim", dim)
-        hidden, depth = _check_int("hidden", hidden), _check_int("depth", depth)
-        self.time_dim = _check_int("time_dim", time_dim, 2)
+        self.dim = checks.count("dim", dim, 1)
+        hidden, depth = checks.count("hidden", hidden, 1), checks.count("depth", depth, 1)
+        self.time_dim = checks.count("time_dim", time_dim, 2)
         self.num_classes = _check_num_classes(num_classes)
         self.x_shape = (self.dim,)
         self.inp = nn.Linear(2 * self.dim, hidden)
@@ -171,8 +167,8 @@ class UNet(nn.Module):
     def __init__(self, channels: int, base: int = 32, mults: tuple[int, ...] = (1, 2), num_res: int = 1,
                  num_classes: int | None = None, dropout: float = 0.0) -> None:
         super().__init__()
-        self.channels, base = _check_int("channels", channels), _check_int("base", base)
-        num_res = _check_int("num_res", num_res)
+        self.channels, base = checks.count("channels", channels, 1), checks.count("base", base, 1)
+        num_res = checks.count("num_res", num_res, 1)
         mults = tuple(mults) if isinstance(mults, (tuple, list)) else mults
         if not isinstance(mults, tuple) or not mults or not all(
                 isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in mults):

@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import checks
 from .bridge import Coefficients, PhaseBridge, check_t, split_phase
 from .settings import T_END  # the largest end time of `ode_solution`
 
@@ -335,15 +336,6 @@ def _expected_f(post: _Posterior, mode: str) -> torch.Tensor:
     return 4 * co.tau**2 * post.x1_hat - co.P * co.AA * post.eps_x - eps_v_coef * post.eps_v
 
 
-def _check_time(name: str, value: float) -> float:
-    """A float time in [0, T_END]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not (math.isfinite(value) and 0.0 <= value <= T_END):
-        raise ValueError(f"{name} must be finite and in [0, {T_END}], got {value}")
-    return float(value)
-
-
 def ode_solution(
     mixture: GaussianMixture,
     bridge: PhaseBridge,
@@ -363,7 +355,8 @@ def ode_solution(
     """
     from scipy.integrate import solve_ivp
 
-    t0, t1 = _check_time("t0", t0), _check_time("t1", t1)
+    t0 = checks.interval("t0", t0, 0.0, T_END, open_hi=False)
+    t1 = checks.interval("t1", t1, 0.0, T_END, open_hi=False)
     if not isinstance(m0, torch.Tensor) or m0.dim() != 2 or m0.shape[1] != 2 * mixture.dim:
         shape = tuple(m0.shape) if isinstance(m0, torch.Tensor) else type(m0).__name__
         raise ValueError(f"m0 must be a [B, {2 * mixture.dim}] tensor (x | v), got {shape}")

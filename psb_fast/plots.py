@@ -93,6 +93,61 @@ def toy_panels(data: torch.Tensor, samples: dict[str, torch.Tensor], path: str |
     _save(fig, path)
 
 
+def toy_comparison(data: torch.Tensor, rows: dict[str, dict[str, torch.Tensor]], path: str | Path,
+                   title: str | None = None, notes: dict[str, dict[str, str]] | None = None,
+                   columns: list[str] | None = None) -> None:
+    """A grid of scatter panels with shared limits: one row per entry of `rows` (e.g. "NFE 5"), its
+    first panel `data` [N, 2], then one column per setting name (e.g. "defaults", "tuned",
+    "learned", "published"; value [B, 2], drawn from the same prior draws so panels compare point
+    for point). Columns are `columns` (None: the names in order of first appearance; every name
+    of `rows` must be in it), each in one colour on every row; a row without a name leaves its
+    cell empty. notes[row][name] (optional) is a second line
+    under a panel's title (e.g. the setting's T and order), or the text of an empty cell. Panel
+    titles are "<row>, <name>" with the point count; `title` heads the figure."""
+    title = _title("title", title)
+    if not isinstance(rows, dict) or not rows or not all(isinstance(r, dict) and r for r in rows.values()):
+        raise TypeError("rows must be a non-empty dict: row name -> non-empty dict of name -> tensor [B, 2]")
+    notes = {} if notes is None else notes
+    if not isinstance(notes, dict) or not all(
+            isinstance(n, dict) and all(isinstance(v, str) for v in n.values()) for n in notes.values()):
+        raise TypeError("notes must be a dict: row name -> dict of name -> str, or None")
+    reference = _points("data", data)
+    grid = {row: {str(key): _points(f"rows[{row!r}][{key!r}]", value) for key, value in columns.items()}
+            for row, columns in rows.items()}
+    names = list(dict.fromkeys(key for cells in grid.values() for key in cells))
+    if columns is not None:
+        if not isinstance(columns, list | tuple) or not all(isinstance(c, str) for c in columns):
+            raise TypeError(f"columns must be a list of names or None, got {columns!r}")
+        missing = [name for name in names if name not in columns]
+        if missing:
+            raise ValueError(f"columns must name every setting of rows, missing {missing}")
+        names = list(dict.fromkeys(columns))
+    lo, hi = _limits([reference] + [points for cells in grid.values() for points in cells.values()])
+    n_cols = 1 + len(names)
+    fig = Figure(figsize=(_PANEL_INCHES * n_cols, (_PANEL_INCHES + 0.45) * len(grid) + 0.6))
+    for r, (row, cells) in enumerate(grid.items()):
+        row_notes = {str(k): v for k, v in notes.get(row, {}).items()}
+        for c, name in enumerate(["data"] + names):
+            ax = fig.add_subplot(len(grid), n_cols, r * n_cols + c + 1)
+            points = reference if c == 0 else cells.get(name)
+            if points is None:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"{row}, {name}:\n{row_notes.get(name, 'none')}", ha="center", va="center",
+                        fontsize=8, transform=ax.transAxes, wrap=True)
+                continue
+            ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5, color="k" if c == 0 else f"C{c - 1}",
+                       linewidths=0)
+            ax.set(xlim=(lo, hi), ylim=(lo, hi), aspect="equal")
+            note = "" if c == 0 or name not in row_notes else f"\n{row_notes[name]}"
+            label = "data" if c == 0 else f"{row}, {name}"
+            ax.set_title(f"{label}{note}\n{len(points)} points", fontsize=8)
+            ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _trajectory_arrays(trajectory: object, n_paths: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Times [S] and, per key x / v / x1_hat, the first n_paths paths [n_paths, S, 2]."""
     if not isinstance(trajectory, list) or not trajectory:
@@ -120,8 +175,10 @@ def phase_trajectories(trajectory: list[dict], path: str | Path, n_paths: int = 
 
     trajectory: snapshots {"t": float, "x", "v", "x1_hat": [B, 2]}, one per network evaluation.
     Three panels for the first n_paths samples: position paths x(t), velocity paths v(t) and the
-    path of the data estimate x1_hat(t), coloured by t (colour bar), with each path's point at the
-    last evaluation marked in red (legend). `title` (e.g. the sampler's settings,
+    path of the data estimate x1_hat(t), coloured by t (colour bar). The state exists only at the
+    evaluation times, so each evaluation is a dot and thin lines join consecutive ones (a long
+    segment is one long step of the grid, not a straight path); each path's point at the last
+    evaluation is marked in red (legend). `title` (e.g. the sampler's settings,
     `sampler_label(sampler)`) heads the figure.
     """
     title = _title("title", title)
@@ -136,9 +193,11 @@ def phase_trajectories(trajectory: list[dict], path: str | Path, n_paths: int = 
         if lines.shape[1] > 1:
             segments = np.concatenate([lines[:, :-1, None], lines[:, 1:, None]], axis=2).reshape(-1, 2, 2)
             colours = np.tile(0.5 * (times[:-1] + times[1:]), lines.shape[0])
-            collection = LineCollection(segments, array=colours, cmap="viridis", linewidths=0.7, alpha=0.8)
+            collection = LineCollection(segments, array=colours, cmap="viridis", linewidths=0.4, alpha=0.45)
             collection.set_clim(times.min(), times.min() + span)
             ax.add_collection(collection)
+        ax.scatter(lines[:, :, 0].ravel(), lines[:, :, 1].ravel(), c=np.tile(times, lines.shape[0]),
+                   cmap="viridis", vmin=times.min(), vmax=times.min() + span, s=3, linewidths=0, zorder=2)
         ax.scatter(lines[:, -1, 0], lines[:, -1, 1], s=6, color="crimson", zorder=3, linewidths=0,
                    label=f"at the last evaluation, t = {times[-1]:.3g}")
         lo, hi = _limits([lines.reshape(-1, 2)])
@@ -149,7 +208,8 @@ def phase_trajectories(trajectory: list[dict], path: str | Path, n_paths: int = 
             ax.legend(loc="upper left", fontsize=6, markerscale=2, frameon=True)
     if collection is not None:
         fig.colorbar(collection, ax=fig.axes, label="t (sampler time)", shrink=0.8)
-    heading = f"{lines.shape[0]} sample paths over {len(times)} network evaluations"
+    heading = (f"{lines.shape[0]} sample paths, a dot per network evaluation ({len(times)}, "
+               f"t = {times.min():.3g} .. {times.max():.3g})")
     fig.suptitle(f"{title}: {heading}" if title else heading, fontsize=10)
     _save(fig, path)
 

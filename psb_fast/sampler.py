@@ -8,82 +8,76 @@ models). All per-step coefficients are built once, in float64, when the sampler 
 from __future__ import annotations
 
 import math
-import operator
 import os
 from collections.abc import Callable, Sequence
-from functools import lru_cache, partial
+from functools import partial
+from numbers import Real
 
 import torch
-from tqdm.auto import tqdm
 
-from .backends import BACKENDS, STORAGE_DTYPES, real_scalar, resolve_backend
+from . import checks
+from .backends import STORAGE_DTYPES, backend_name, real_scalar, resolve_backend, warn_once
 from .bridge import PhaseBridge, split_phase
-from .defaults import default_setting, make_grid
-from .grids import GRID_NAMES, PUBLISHED_GRID, explicit_grid
+from .defaults import default_setting
+from .grids import GRID_NAMES, PUBLISHED_GRID, explicit_grid, parse_grid
 from .guidance import StrokeGuide
 from .hooks import Guidance, record_trajectory, report_to
 from .loop import Hooks, ModelCall, check_finite, integrate
 from .loop import raise_first_nonfinite as _raise_first_nonfinite
-from .multistep import MultistepCoefficients, multistep_coefficients
-from .ops.phase_step import _phase_step_unchecked
-from .settings import PUBLISHED_ORDER, PUBLISHED_T, T_END, Setting, published_setting, published_T
+from .multistep import MAX_ORDER
+from .ops.phase_step import _phase_step_unchecked, _scaled_hop_unchecked
+from .progress import progress_bar
+from .seeds import resolve_seed
+from .settings import (
+    PUBLISHED_ORDER,
+    PUBLISHED_Q,
+    PUBLISHED_T,
+    T_END,
+    Setting,
+    load_tuned,
+    published_T,
+)
 from .solvers import graph_noise, make_plan, seeded_noise, solver_step, sscs_first_half
-from .tuning import load_tuned
-from .variant_tables import VariantTables, variant_tables
-from .variants import VARIANTS, VariantSteps, scalar_rows, variant_form
+from .variants import VARIANTS, Steps, step_rows, step_tables
 
 SOLVERS = ("ode", "sde", "em", "sscs")
 GRIDS = GRID_NAMES
 # Upper bound on nfe: the coefficient tables take ~24 quadrature nodes per step (tens of MB of
 # float64 temporaries at 10_000 steps, ~1 s to build), and no few-step sampler needs more.
 MAX_NFE = 10_000
+#: T without the hop (the last grid time; a final step then runs to T_END).
+NO_HOP_T = 0.99
+#: The constructor's arguments after `setting`, in their old positional order (still accepted).
+_OLD_POSITIONAL = ("t0", "order", "grid", "hop", "solver", "backend", "cuda_graph", "variant")
 # T_END, published_T and the published settings live in psb_fast.settings, the grids in
 # psb_fast.grids; the names stay importable from here.
 __all__ = ["GRIDS", "MAX_NFE", "PUBLISHED_GRID", "PUBLISHED_ORDER", "PUBLISHED_T", "SOLVERS", "T_END",
-           "PhaseSampler", "make_grid", "published_T"]
-
-
-@lru_cache(maxsize=64)
-def _cached_coefficients(
-    bridge_key: tuple, grid: tuple[float, ...], order: int, t_end: float | None
-) -> MultistepCoefficients:
-    return multistep_coefficients(
-        PhaseBridge(*bridge_key), torch.tensor(grid, dtype=torch.float64), order, t_end
-    )
-
-
-@lru_cache(maxsize=64)
-def _cached_variant_tables(
-    bridge_key: tuple, grid: tuple[float, ...], order: int, t_end: float | None, form: str
-) -> VariantTables:
-    grid_t = torch.tensor(grid, dtype=torch.float64)
-    return variant_tables(PhaseBridge(*bridge_key), grid_t, order, form, t_end)
+           "PhaseSampler", "published_T"]
 
 
 class PhaseSampler:
     """Few-NFE sampler for a model F = model(m, t[, cond]) trained on `bridge`.
 
     nfe: network evaluations, an int in [1, MAX_NFE = 10_000] (the per-step coefficient tables
-    are built at construction). T: last grid time (the hop time with hop=True; with hop=False
-    a final step runs from T to 0.999). t0: first grid time. T and t0 are real numbers or
-    one-element real tensors. order: multistep order 0..3 ("ode" only). grid: "tuned",
-    "rev-quad", "uniform", "power-<q>", or the nfe grid times themselves (an increasing sequence
-    from t0 to T). hop: a bool, output the x1 estimate at T instead of x at 0.999.
-    solver: "ode" (probODE models), or "sde" (exact noise), "em", "sscs" (SDE models).
-    variant: the "ode" solver's variant (docs/math.md §7.4, psb_fast.variants): "multistep" (the
-    published F-form multistep), "data" (extrapolates the hop's x1 estimate), "multistep-corrector"
-    or "data-corrector" (plus a UniPC-style corrector that reuses the next evaluation).
-    backend: "auto", "triton", "cpu" or "reference". cuda_graph: on CUDA, capture the whole
-    loop (model included; it must be capturable: no host syncs, static shapes) in a CUDA graph
-    on the first sample() call per (model, cond, m0 shape/dtype/device) and replay it after.
+    are built at construction). setting: a `psb_fast.settings.Setting` (hop time T, grid power q
+    and free fractions, order 0..3, variant; docs/math.md §7.4, §10), or None for the defaults:
+    with solver="ode" and hop=True `psb_fast.defaults.default_setting(nfe)` (psb_fast/defaults.json),
+    otherwise the published family (q = 2, order 2 for "ode", 0 for the SDE solvers, variant
+    "multistep") at T = published_T(nfe) (hop) or NO_HOP_T = 0.99 (no hop). Change a field with
+    `Setting.replace`: `PhaseSampler(bridge, 10, default_setting(10).replace(order=2))`;
+    `published_setting(nfe)` reproduces the published sampler.
+    t0: first grid time, a real number in [0, 1). hop: a bool, output the x1 estimate at T
+    instead of x at 0.999 (then T < 0.999 and a final step runs from T to 0.999). solver: "ode"
+    (probODE models), or "sde" (exact noise), "em", "sscs" (SDE models: variant "multistep",
+    order 0). backend: "auto", "triton", "cpu" or "float64" ("reference", its old name, warns).
+    cuda_graph: on CUDA, capture the whole loop (model included; it must be capturable: no host
+    syncs, static shapes) in a CUDA graph on the first sample() call per (model, cond, m0
+    shape/dtype/device) and replay it after.
 
-    Defaults (None): with solver="ode" and hop=True, T, order and grid take the per-NFE
-    package defaults, `psb_fast.defaults.default_setting(nfe)` (psb_fast/defaults.json;
-    benchmarks/results/defaults_study/); otherwise T is the published one (hop) or 0.99 (no hop),
-    order 2 ("ode") and grid "rev-quad". variant=None is the default's variant when T, order and
-    grid are all None (and solver="ode", hop=True), else "multistep". order=2, grid="rev-quad",
-    T=published_T(nfe) and variant="multistep", i.e.
-    `**psb_fast.settings.published_setting(nfe).sampler_kwargs()`, reproduce the published sampler.
+    Old spellings, kept working with a FutureWarning that names the new one: T=, order=, grid=
+    (a name, "tuned" = "default", or the nfe grid times themselves) and variant= set those fields
+    of the default setting of this solver and hop (`Setting.replace`); T, order and grid given
+    together (or grid times) with no variant mean variant "multistep", as before.
 
     Every argument is checked here, before any table is built (ValueError for bad values,
     TypeError for bad types, each naming the argument); sample() checks its own arguments
@@ -94,25 +88,41 @@ class PhaseSampler:
         self,
         bridge: PhaseBridge,
         nfe: int = 10,
-        T: float | None = None,
+        setting: Setting | None = None,
+        *args: object,
         t0: float = 1e-5,
-        order: int | None = None,
-        grid: str | Sequence[float] | torch.Tensor | None = None,
         hop: bool = True,
         solver: str = "ode",
         backend: str = "auto",
         cuda_graph: bool = False,
+        T: float | None = None,
+        order: int | None = None,
+        grid: str | Sequence[float] | torch.Tensor | None = None,
         variant: str | None = None,
     ) -> None:
         if not isinstance(bridge, PhaseBridge):
             raise TypeError(f"bridge must be a PhaseBridge, got {type(bridge).__name__}")
-        nfe = _count("nfe", nfe, 1, MAX_NFE)
-        if not isinstance(hop, bool):
-            raise TypeError(f"hop must be a bool, got {hop!r}")
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        nfe = checks.count("nfe", nfe, 1, MAX_NFE)
+        if args:  # the old positional order: (T, t0, order, grid, hop, solver, backend, cuda_graph, variant)
+            if len(args) > len(_OLD_POSITIONAL):
+                raise TypeError(f"PhaseSampler takes at most {3 + len(_OLD_POSITIONAL)} positional arguments")
+            warn_once("PhaseSampler's arguments after `setting` are keyword-only: pass t0=, hop=, solver=, "
+                      "backend=, ... by name")
+            given = dict(zip(_OLD_POSITIONAL, args, strict=False))
+            t0, hop = given.get("t0", t0), given.get("hop", hop)
+            solver, backend = given.get("solver", solver), given.get("backend", backend)
+            cuda_graph = given.get("cuda_graph", cuda_graph)
+            order, grid = given.get("order", order), given.get("grid", grid)
+            variant = given.get("variant", variant)
+        if setting is not None and not isinstance(setting, Setting):
+            if isinstance(setting, bool) or not isinstance(setting, (Real, torch.Tensor)):
+                raise TypeError(f"setting must be a psb_fast.settings.Setting or None, got "
+                                f"{type(setting).__name__}")
+            setting, T = None, setting  # the old third positional argument, T
+        checks.flag("hop", hop)
+        checks.flag("cuda_graph", cuda_graph)
+        checks.choice("solver", solver, SOLVERS)
+        backend = backend_name(backend)
         expected_mode = "probODE" if solver == "ode" else "SDE"
         if bridge.mode != expected_mode:
             raise ValueError(
@@ -121,72 +131,58 @@ class PhaseSampler:
         t0 = real_scalar("t0", t0)
         if not (math.isfinite(t0) and 0 <= t0 < 1):
             raise ValueError(f"t0 must be in [0, 1), got {t0!r}")
-        tuned = solver == "ode" and hop
-        default = default_setting(nfe) if tuned else published_setting(nfe)
-        if variant is None:
-            fully_default = tuned and T is None and order is None and grid is None
-            variant = default.variant if fully_default else VARIANTS[0]
-        if not isinstance(variant, str) or variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if variant != VARIANTS[0] and solver != "ode":
-            raise ValueError(f"variant={variant!r} applies to solver='ode' only, got solver={solver!r}")
-        if T is not None:
-            T = real_scalar("T", T)
-        explicit = grid is not None and not isinstance(grid, str)
-        if explicit:
-            times = explicit_grid(grid, nfe, float(t0))
-            if T is not None and not math.isclose(float(T), float(times[-1]), rel_tol=0, abs_tol=1e-12):
-                raise ValueError(f"T={T!r} disagrees with the given grid's last time {float(times[-1])!r}")
-            T = float(times[-1])
-        if T is None:
-            T = default.T if hop else 0.99
+        base, base_kind = _family_default(nfe, solver, hop)
+        old = {k: v for k, v in (("T", T), ("order", order), ("grid", grid), ("variant", variant))
+               if v is not None}
+        times = None
+        if setting is not None and old:
+            raise ValueError(f"pass either setting or the old keywords {sorted(old)}, not both")
+        if setting is None and not old:
+            setting, grid_kind = base, base_kind
+        elif setting is not None:
+            is_default = setting == base and base_kind == "default"
+            grid_kind = "default" if is_default else (setting.grid_name or "free")
+        else:
+            setting, grid_kind, times = _from_old_keywords(base, base_kind, nfe, t0, old)
+        if setting.variant != VARIANTS[0] and solver != "ode":
+            raise ValueError(f"variant={setting.variant!r} applies to solver='ode' only, got "
+                             f"solver={solver!r}")
+        if solver != "ode" and setting.order != 0:
+            raise ValueError(f"order applies to solver='ode' only; got order={setting.order} for {solver!r}")
         upper = 1.0 if hop else T_END
-        if not (math.isfinite(T) and t0 < T < upper):
-            raise ValueError(f"T must be in (t0, {upper}) = ({t0}, {upper}), got {T!r}")
-        if order is None:
-            order = default.order if solver == "ode" else 0
-        order = _count("order", order, 0, 3)
-        if solver != "ode" and order != 0:
-            raise ValueError(f"order applies to solver='ode' only; got order={order} for {solver!r}")
-        if grid is None:
-            grid = "tuned" if tuned else PUBLISHED_GRID
-        self.bridge, self.nfe, self.T, self.t0 = bridge, nfe, float(T), float(t0)
-        self.order, self.hop, self.variant = order, bool(hop), variant
-        self.grid_kind = "explicit" if explicit else grid
-        if not isinstance(cuda_graph, bool):
-            raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+        if not t0 < setting.T < upper:
+            raise ValueError(f"T must be in (t0, {upper}) = ({t0}, {upper}), got {setting.T!r}")
+        if times is None:
+            setting.check(nfe, t0)
+            times = setting.grid(nfe, t0)
+        self.bridge, self.nfe, self.t0, self.setting = bridge, nfe, float(t0), setting
+        self.T, self.order, self.variant = setting.T, setting.order, setting.variant
+        self.hop, self.grid_kind, self.grid = hop, grid_kind, times
         self.solver, self.backend, self.cuda_graph = solver, backend, cuda_graph
         self._graphs: dict[tuple, tuple] = {}
         self._grid_cache: dict[tuple, torch.Tensor] = {}
-        self.grid = times if explicit else make_grid(grid, nfe, self.t0, self.T)
-        t_end = None if self.hop else T_END
-        self.coefficients = _cached_coefficients(
-            bridge.key(), tuple(self.grid.tolist()), order, t_end
-        )
+        t_end = None if hop else T_END
+        # One table cache for every variant and solver (psb_fast.variants); the SDE solvers use the
+        # order-0 multistep integrals.
+        name, order_used = (self.variant, self.order) if solver == "ode" else (VARIANTS[0], 0)
+        self.tables = step_tables(bridge, self.grid, order_used, name, t_end)
         # The loop's per-step scalars and hop weights, float64, once (psb_fast.solvers.StepPlan).
-        self._plan = make_plan(bridge, self.grid, self.coefficients, solver, order)
-        self._variant_rows = None
-        if variant != VARIANTS[0]:
-            form, corrector = variant_form(variant)
-            tables = _cached_variant_tables(bridge.key(), tuple(self.grid.tolist()), order, t_end, form)
-            self._variant_rows = scalar_rows(tables, order, corrector)
+        self._plan = make_plan(bridge, self.grid, self.tables, solver)
+        self._rows = step_rows([self.tables], order_used) if solver == "ode" else None
 
     @classmethod
     def from_tuned(cls, path: str | os.PathLike, bridge: PhaseBridge, nfe: int, **kwargs) -> PhaseSampler:
-        """A sampler with the settings `psb_fast.tune` / `psb-fast tune` saved for this NFE.
+        """A sampler with the setting `psb_fast.tune` / `psb-fast tune` saved for this NFE.
 
-        path: the JSON written by psb_fast.tuning.save_tuned; kwargs: the other constructor
-        arguments (t0, backend, ...; not T, order or grid, which come from the file)."""
-        for key in ("T", "order", "grid", "variant"):
+        path: the JSON written by psb_fast.settings.save_tuned; kwargs: the other constructor
+        arguments (t0, backend, ...; not the setting or its fields, which come from the file)."""
+        for key in ("setting", "T", "order", "grid", "variant"):
             if key in kwargs:
                 raise ValueError(f"from_tuned takes {key} from the file; do not pass {key}={kwargs[key]!r}")
         entries = load_tuned(path)
         if nfe not in entries:
             raise ValueError(f"nfe={nfe!r} is not in {os.fspath(path)!r}; tuned NFEs: {sorted(entries)}")
-        setting = Setting.from_json(entries[nfe])
-        t0 = kwargs.pop("t0", 1e-5)
-        return cls(bridge, nfe, T=setting.T, t0=t0, order=setting.order, grid=setting.grid(nfe, t0),
-                   variant=setting.variant, **kwargs)
+        return cls(bridge, nfe, Setting.from_json(entries[nfe]), **kwargs)
 
     def __repr__(self) -> str:
         return (
@@ -235,7 +231,7 @@ class PhaseSampler:
         for name, flag in (("return_trajectory", return_trajectory), ("progress", progress)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
-        seed = _resolve_seed(seed)
+        seed = resolve_seed(seed)
         if guide is not None and not isinstance(guide, StrokeGuide):
             raise TypeError(f"guide must be a StrokeGuide or None, got {type(guide).__name__}")
         if self.cuda_graph:
@@ -246,8 +242,11 @@ class PhaseSampler:
                 )
             return self._sample_graphed(model, m0, cond)
         trajectory: list[dict] | None = [] if return_trajectory else None
-        x1, finite = self._run(model, m0, cond, seed=seed, guide=guide, progress=progress, callback=callback,
-                               trajectory=trajectory)
+        from .threads import api_threads
+
+        with api_threads(m0):  # one thread for small calls unless the caller set the count
+            x1, finite = self._run(model, m0, cond, seed=seed, guide=guide, progress=progress,
+                                   callback=callback, trajectory=trajectory)
         _raise_first_nonfinite(finite)
         return (x1, trajectory) if return_trajectory else x1
 
@@ -278,14 +277,12 @@ class PhaseSampler:
         evaluate = ModelCall(model, cond, self._device_grid(m0.dtype, m0.device, m.shape[0]), m0.dtype, m,
                              finite, plan.t_eval, check_from)
         hooks.after_step.append(partial(_check_state, finite, plan.t_eval, evaluate))
-        correct = None
-        if self._variant_rows is None:
-            step = solver_step(plan, self.solver, self.order, backend, noise, views)
-        else:  # psb_fast.variants: the affine steps, with the corrector when the variant has one
-            form = variant_form(self.variant)[0]
-            steps = VariantSteps(self._variant_rows, self.order, form,
-                                 plan.eval_hop_weights if form == "data" else None, plan.t_eval,
-                                 fused=partial(_phase_step_unchecked, backend=backend, views=views))
+        if self._rows is None:
+            step, correct = solver_step(plan, self.solver, backend, noise, views), None
+        else:  # every variant: psb_fast.variants.Steps on the fused phase_step
+            rows, estimates = self._rows
+            steps = Steps(rows, self.order, partial(_phase_step_unchecked, backend=backend, views=views),
+                          estimates, partial(_scaled_estimate, backend=backend, views=views), plan.t_eval)
             step, correct = steps.step, steps.correct
         try:
             F = integrate(m, evaluate=evaluate, step=step, nfe=self.nfe, n_steps=plan.n_steps, hooks=hooks,
@@ -313,7 +310,7 @@ class PhaseSampler:
         if self.solver == "sscs":
             hooks.before_eval.append(sscs_first_half(plan, backend, noise, views))
         guidance = Guidance(guide, m, plan, backend, seed) if guide is not None else None
-        bar = tqdm(total=self.nfe, desc="PhaseSampler", unit="eval") if progress else None
+        bar = progress_bar(total=self.nfe, desc="PhaseSampler", unit="eval") if progress else None
         if bar is not None:
             hooks.after_eval.append(lambda i, m, F: bar.update())
         if callback is not None:
@@ -387,20 +384,90 @@ def _check_state(
         raise
 
 
-def _count(name: str, value: object, lo: int, hi: int) -> int:
-    """value as an int in [lo, hi]: a Python/NumPy int or an integer one-element tensor (not bool)."""
-    try:
-        number = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        number = None
-    if number is None or not lo <= number <= hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
-    return number
+def _scaled_estimate(m: torch.Tensor, F: torch.Tensor, weights: tuple, *, backend: str,
+                     views) -> torch.Tensor:
+    """The data form's source Y~ = F + r_x x + r_v v (weights (1, r_x, r_v); psb_fast.variants)."""
+    return _scaled_hop_unchecked(m, F, weights[1], weights[2], backend, views)
 
 
-def _resolve_seed(seed: int | None) -> int:
-    if seed is None:
-        return int(torch.randint(0, 2**31 - 1, (1,)).item())
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
-    return seed
+def _family_default(nfe: int, solver: str, hop: bool) -> tuple[Setting, str]:
+    """(the default setting, its grid's name) of a solver and hop: the package defaults for the
+    probability flow with the hop, else the published family (module docstring of PhaseSampler)."""
+    if solver == "ode" and hop:
+        return default_setting(nfe), "default"
+    T = published_T(nfe) if hop else NO_HOP_T
+    return Setting(float(T), PUBLISHED_Q, PUBLISHED_ORDER if solver == "ode" else 0), PUBLISHED_GRID
+
+
+def _from_old_keywords(
+    base: Setting, base_kind: str, nfe: int, t0: float, old: dict
+) -> tuple[Setting, str, torch.Tensor | None]:
+    """(setting, grid kind, explicit times or None) from the old keywords T, order, grid, variant,
+    each warned about once: they replace fields of the family default `base`; T, order and grid
+    all given (grid times fix T) with no variant mean "multistep", as before."""
+    for key in old:
+        spelling = "grid times" if key == "grid" and not isinstance(old[key], str) else f"{key}="
+        warn_once(f"PhaseSampler({spelling}...) is deprecated: pass a Setting, e.g. "
+                  f"PhaseSampler(bridge, nfe, default_setting(nfe).replace(...)) or published_setting(nfe)")
+    return _fill_family(base, base_kind, nfe, t0, old)
+
+
+def setting_from_fields(
+    nfe: int, *, solver: str = "ode", hop: bool = True, T: float | None = None, order: int | None = None,
+    grid: str | None = None, variant: str | None = None,
+) -> Setting:
+    """The Setting that the fields given (not None) make with the rest from the family default of
+    (solver, hop): the package defaults for the probability flow with the hop, else the published
+    family. T, order and grid all given with no variant mean the published "multistep" update.
+    grid is a name ("default", "rev-quad", "uniform", "power-<q>"). This is how the CLI's --T,
+    --order, --grid and --variant become the sampler's setting."""
+    checks.count("nfe", nfe, 1, MAX_NFE)
+    if grid is not None and not isinstance(grid, str):
+        raise TypeError(f"grid must be a grid name here, got {type(grid).__name__}")
+    base, base_kind = _family_default(nfe, solver, hop)
+    fields = (("T", T), ("order", order), ("grid", grid), ("variant", variant))
+    old = {k: v for k, v in fields if v is not None}
+    return _fill_family(base, base_kind, nfe, 1e-5, old)[0]
+
+
+def _fill_family(
+    base: Setting, base_kind: str, nfe: int, t0: float, old: dict
+) -> tuple[Setting, str, torch.Tensor | None]:
+    """`_from_old_keywords` without the warning."""
+    changes: dict = {}
+    grid_kind, times = base_kind, None
+    grid = old.get("grid")
+    if isinstance(grid, str):
+        kind, q = parse_grid(grid)
+        if kind == "tuned":
+            warn_once("grid='tuned' is now called grid='default' (the package defaults' grid)")
+        if kind in ("tuned", "default"):
+            default = default_setting(nfe)
+            changes.update(q=default.q, fractions=default.fractions if default.fractions is None
+                           or len(default.fractions) == nfe else None)
+            grid_kind = "default"
+        else:
+            changes.update(q=1.0 if kind == "uniform" else q, fractions=None)
+            grid_kind = grid
+    elif grid is not None:
+        times = explicit_grid(grid, nfe, t0)
+        T = old.get("T")
+        last = float(times[-1])
+        if T is not None and not math.isclose(real_scalar("T", T), last, rel_tol=0, abs_tol=1e-12):
+            raise ValueError(f"T={T!r} disagrees with the given grid's last time {float(times[-1])!r}")
+        changes["T"] = float(times[-1])
+        if nfe >= 2:
+            span = float(times[-1]) - float(times[0])
+            changes.update(q=1.0, fractions=tuple((float(t) - float(times[0])) / span for t in times))
+            changes["fractions"] = (0.0, *changes["fractions"][1:-1], 1.0)
+        grid_kind = "explicit"
+    if "T" in old and "T" not in changes:
+        changes["T"] = checks.finite("T", old["T"])
+    if "order" in old:
+        changes["order"] = checks.count("order", old["order"], 0, MAX_ORDER)
+    full = grid is not None and ("T" in old or times is not None) and "order" in old
+    if "variant" in old:
+        changes["variant"] = checks.choice("variant", old["variant"], VARIANTS)
+    elif full:
+        changes["variant"] = VARIANTS[0]
+    return base.replace(**changes), grid_kind, times

@@ -1,4 +1,6 @@
-"""Sampler settings: the one `Setting` type, the end time T_END and the published settings.
+"""Sampler settings: the one `Setting` type, the end time T_END, the published settings and the
+tuned-settings files (`save_tuned`, `load_tuned`: what `psb_fast.tune` writes and
+`PhaseSampler.from_tuned` reads).
 
 A `Setting` is what the probability-flow sampler needs besides the NFE and t0: the hop time T,
 the grid power q with optional free grid fractions (psb_fast.grids), the solver order and the
@@ -9,29 +11,30 @@ Settings; every check on T, q, order and fractions happens here (and in psb_fast
 
 from __future__ import annotations
 
-import math
-import operator
+import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import total_ordering
-from numbers import Real
 
 import torch
 
+from . import checks
+from .files import read_json
 from .grids import check_fractions, grid_name, power_grid
+from .multistep import MAX_ORDER
+from .variants import VARIANTS
 
 #: End time of sampling without the hop, and of the exact and high-NFE reference solutions.
 T_END = 0.999
-#: Solver variants (docs/math.md §7.4, psb_fast.variants): "multistep" extrapolates the network
-#: output F (the published algorithm), "data" the hop's estimate x1_hat; "-corrector" adds the
-#: UniPC-style corrector that reuses the next evaluation.
-VARIANTS = ("multistep", "data", "multistep-corrector", "data-corrector")
 #: Published settings (AGM, CIFAR-10 with hop): NFE -> T; order 2 on the rev-quad grid (q = 2).
 PUBLISHED_T = {5: 0.4, 10: 0.7, 20: 0.9}
 PUBLISHED_Q = 2.0
 PUBLISHED_ORDER = 2
 #: Keys of a setting's JSON object (`Setting.to_json`).
 JSON_KEYS = ("T", "q", "order", "fractions", "variant")
+#: Format tag of the tuned-settings files (`save_tuned`).
+TUNED_FORMAT = "psb_fast.tuned/1"
 
 
 def published_T(nfe: int) -> float:
@@ -74,21 +77,15 @@ class Setting:
     variant: str = VARIANTS[0]
 
     def __post_init__(self) -> None:
-        T = _real("T", self.T)
+        T = checks.number("T", self.T)
         if not 0 < T < 1:
             raise ValueError(f"T must be in (0, 1), got {self.T!r}")
-        q = _real("q", self.q)
+        q = checks.number("q", self.q)
         if not q > 0:
             raise ValueError(f"q (the grid power) must be finite and > 0, got {self.q!r}")
-        try:
-            order = None if isinstance(self.order, bool) else operator.index(self.order)
-        except TypeError:
-            order = None
-        if order is None or not 0 <= order <= 3:
-            raise ValueError(f"order must be an int in 0..3, got {self.order!r}")
+        order = checks.count("order", self.order, 0, MAX_ORDER)
         fractions = None if self.fractions is None else check_fractions(self.fractions)
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        checks.choice("variant", self.variant, VARIANTS)
         for name, value in (("T", T), ("q", q), ("order", order), ("fractions", fractions)):
             object.__setattr__(self, name, value)
 
@@ -199,7 +196,61 @@ class Setting:
         )
 
 
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+# ----------------------------------------------------------------------------- tuned-settings files
+
+
+def save_tuned(result: Mapping[int, dict], path: str | os.PathLike) -> None:
+    """Write a `psb_fast.tune` result as JSON ({"format", "settings": {"<nfe>": {...}}})."""
+    settings = _check_tuned(result, str(path))
+    payload = {"format": TUNED_FORMAT, "settings": {str(n): settings[n] for n in sorted(settings)}}
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=1)
+        fh.write("\n")
+
+
+def load_tuned(path: str | os.PathLike) -> dict[int, dict]:
+    """Read a file written by `save_tuned`: {nfe: {"T", "q", "order"[, "fractions"], ...}}.
+
+    Raises ValueError naming the file and the problem if it is not UTF-8 JSON (psb_fast.files), if
+    two keys name one NFE ("10" and "010"), or if a setting is malformed (NFE not an int >= 1
+    written in digits, T not in (0, 1), q not finite > 0, order not an int in 0..3, fractions not
+    nfe numbers rising strictly from 0 to 1, variant unknown): `Setting.from_json` checks each
+    entry. `PhaseSampler.from_tuned` maps an entry to its sampler.
+    """
+    payload = read_json(path, "tuned-settings file")
+    if not isinstance(payload, dict) or payload.get("format") != TUNED_FORMAT:
+        raise ValueError(f"{path}: expected a JSON object with format {TUNED_FORMAT!r}")
+    settings = payload.get("settings")
+    if not isinstance(settings, dict) or not settings:
+        raise ValueError(f"{path}: 'settings' must be a non-empty object mapping NFE -> setting")
+    parsed: dict[int, dict] = {}
+    spelled: dict[int, str] = {}
+    for key, value in settings.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise ValueError(f"{path}: NFE key {key!r} is not an integer written in digits")
+        nfe = int(key)
+        if nfe in parsed:
+            raise ValueError(f"{path}: NFE keys {spelled[nfe]!r} and {key!r} both mean NFE {nfe}; keep one")
+        parsed[nfe], spelled[nfe] = value, key
+    return _check_tuned(parsed, str(path))
+
+
+def _check_tuned(result: object, where: str) -> dict[int, dict]:
+    if not isinstance(result, Mapping) or not result:
+        raise ValueError(f"{where}: tuned settings must be a non-empty dict NFE -> setting")
+    out = {}
+    for nfe, entry in result.items():
+        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+            raise ValueError(f"{where}: NFE must be an int >= 1, got {nfe!r}")
+        if not isinstance(entry, dict) or not {"T", "q", "order"} <= set(entry):
+            raise ValueError(f"{where}: NFE {nfe}: each setting needs keys 'T', 'q', 'order', got {entry!r}")
+        try:
+            setting = Setting.from_json(entry)
+            setting.check(nfe, 0.0)
+        except ValueError as err:
+            raise ValueError(f"{where}: NFE {nfe}: {err}") from None
+        clean = {k: v for k, v in entry.items() if k not in ("T", "q", "order", "fractions")}
+        if setting.fractions is not None:
+            clean["fractions"] = list(setting.fractions)
+        out[nfe] = {"T": setting.T, "q": setting.q, "order": setting.order, **clean}
+    return out

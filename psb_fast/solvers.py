@@ -1,7 +1,7 @@
 """PhaseSampler's steps (docs/math.md §7, §9, §10.3): the per-step scalars, built once per sampler,
 and one `step(i, m, F_i)` per solver for `psb_fast.loop.integrate`.
 
-- "ode":  the exponential multistep update (`loop.Multistep` over the fused `phase_step`);
+- "ode":  every solver variant's update runs on `psb_fast.variants.Steps` (the fused `phase_step`);
 - "sde":  the exact-noise step (§9.2);  "em": Euler-Maruyama (§9.3);
 - "sscs": compat SSCS (§9.4): the first half step is a before-evaluation hook (`sscs_first_half`,
   so F is evaluated at the step's midpoint), the step is v += h N F and the second half step.
@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from functools import cached_property, partial
+from functools import cached_property
 
 import torch
 
 from .bridge import Coefficients, PhaseBridge, probode_hop_weights, sde_hop_weights
-from .loop import Hook, Multistep
-from .multistep import MultistepCoefficients
+from .loop import Hook
 from .ops.phase_step import _phase_hop_unchecked, _phase_step_unchecked
 from .ops.sde_step import SDEScalars, _sde_scalars, _sde_step_unchecked
 from .seeds import step_seed
@@ -39,8 +38,7 @@ class StepPlan:
 
     t_step[i], h[i]: start and size of step i (i < n_steps; n_steps = nfe - 1 with the hop, nfe
     without, the last step then ending at t_end). t_eval[i]: time of evaluation i (the grid time;
-    for SSCS the midpoint t_i + h_i / 2 of step i). multistep[i] = (t_i, h_i, Cx_i, Cv_i) with
-    q + 1 coefficients each ("ode"); sde[i]: `SDEScalars` of step i ("sde", "em"); sscs[i] =
+    for SSCS the midpoint t_i + h_i / 2 of step i). sde[i]: `SDEScalars` of step i ("sde", "em"); sscs[i] =
     (first half step, h_i N(t_i + h_i/2), second half step). T_hop, hop_weights: the hop's time
     (T, or t0 when nfe = 1) and (a_F, a_x, a_v) there. Made on first use (by guidance and
     trajectories only): eval_co, bridge.coefficients at the evaluation times (guidance redraws),
@@ -51,7 +49,6 @@ class StepPlan:
     t_step: tuple[float, ...]
     h: tuple[float, ...]
     t_eval: tuple[float, ...]
-    multistep: tuple[tuple[float, float, list[float], list[float]], ...]
     sde: tuple[SDEScalars, ...]
     sscs: tuple[tuple[SDEScalars, float, SDEScalars], ...]
     T_hop: float
@@ -92,26 +89,23 @@ class StepPlan:
         return Coefficients(**{f.name: getattr(self.eval_co, f.name)[i] for f in fields(Coefficients)})
 
 
-def make_plan(
-    bridge: PhaseBridge, grid: torch.Tensor, coefficients: MultistepCoefficients, solver: str, order: int
-) -> StepPlan:
-    """The StepPlan of a sampler: `grid` its nfe times, `coefficients` its multistep tables
-    (`multistep_coefficients(bridge, grid, order, t_end)`), solver "ode", "sde", "em" or "sscs"."""
+def make_plan(bridge: PhaseBridge, grid: torch.Tensor, tables, solver: str) -> StepPlan:
+    """The StepPlan of a sampler: `grid` its nfe times, `tables` its step tables
+    (`psb_fast.variants.step_tables(bridge, grid, order, variant, t_end)`; for the SDE solvers
+    those of "multistep" at order 0), solver "ode", "sde", "em" or "sscs"."""
     times = grid.tolist()
-    t_step, h = coefficients.t.tolist(), coefficients.h.tolist()
-    Cx, Cv = coefficients.Cx.tolist(), coefficients.Cv.tolist()
+    t_step, h = tables.t.tolist(), tables.h.tolist()
+    Cx, Cv = tables.C[:, 0, 0].tolist(), tables.C[:, 1, 0].tolist()  # order 0 (the exact SDE step)
     S = len(h)
     t_eval = list(times)
     if solver == "sscs":
         t_eval[:S] = [t + 0.5 * dt for t, dt in zip(t_step, h, strict=True)]
     if solver in ("em", "sscs"):  # N at each step's evaluation time (t_i; SSCS: the midpoint)
         N = bridge.coefficients(torch.tensor(t_eval[:S], dtype=torch.float64)).normalizer.tolist()
-    multistep, sde, sscs = [], [], []
+    sde, sscs = [], []
     for i in range(S):
-        q = min(i, order)
-        multistep.append((t_step[i], h[i], Cx[i][: q + 1], Cv[i][: q + 1]))
         if solver == "sde":
-            sde.append(_sde_scalars("exact", bridge, t_step[i], h[i], Cx[i][0], Cv[i][0]))
+            sde.append(_sde_scalars("exact", bridge, t_step[i], h[i], Cx[i], Cv[i]))
         elif solver == "em":
             sde.append(_sde_scalars("em", bridge, t_step[i], h[i], N=N[i]))
         elif solver == "sscs":
@@ -120,13 +114,14 @@ def make_plan(
                          _sde_scalars("sscs_half", bridge, t_step[i] + half, half)))
     T_hop = times[-1]  # = T, or t0 when nfe == 1
     return StepPlan(
-        bridge=bridge, t_step=tuple(t_step), h=tuple(h), t_eval=tuple(t_eval), multistep=tuple(multistep),
-        sde=tuple(sde), sscs=tuple(sscs), T_hop=T_hop, hop_weights=bridge.hop_weights(T_hop),
+        bridge=bridge, t_step=tuple(t_step), h=tuple(h), t_eval=tuple(t_eval), sde=tuple(sde),
+        sscs=tuple(sscs), T_hop=T_hop,
+        hop_weights=bridge.hop_weights(T_hop) if tables.hop is None else tuple(tables.hop[-1].tolist()),
     )
 
 
 def _hop(bridge: PhaseBridge, m, F, t: float, weights, backend: str, views=None) -> torch.Tensor:
-    if backend == "reference":
+    if backend == "float64":
         return bridge.estimate_x1(m, F, t)  # float64
     return _phase_hop_unchecked(m, F, weights, backend, views)
 
@@ -135,14 +130,11 @@ def _hop(bridge: PhaseBridge, m, F, t: float, weights, backend: str, views=None)
 
 
 def solver_step(
-    plan: StepPlan, solver: str, order: int, backend: str, noise: Noise,
+    plan: StepPlan, solver: str, backend: str, noise: Noise,
     views: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Step:
-    """step(i, m, F_i) of `solver` for one run on m (it may keep state: the multistep history);
-    views: split_phase(m), made once per run for the "cpu" backend."""
-    if solver == "ode":
-        # x += h_i v + sum_j Cx_{i,j} F_{i-j};  v += sum_j Cv_{i,j} F_{i-j}
-        return Multistep(plan.multistep, order, partial(_phase_step_unchecked, backend=backend, views=views))
+    """step(i, m, F_i) of an SDE solver ("sde", "em", "sscs") for one run on m; views:
+    split_phase(m), made once per run for the "cpu" backend. ("ode": `psb_fast.variants.Steps`.)"""
     if solver in ("sde", "em"):
         kind = "exact" if solver == "sde" else "em"
 

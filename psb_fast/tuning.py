@@ -25,22 +25,22 @@ reference `sample_ode`'s to float64 rounding.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
-from functools import lru_cache
+from dataclasses import dataclass, fields
 
 import torch
-from tqdm.auto import tqdm
 
-from .bridge import PhaseBridge, probode_hop_weights
+from . import checks
+from .backends import warn_once
+from .bridge import PhaseBridge, probode_hop_weights, split_phase
 from .defaults import default_setting
-from .loop import Hooks, ModelCall, Multistep, hop_rows, integrate, multistep_rows
-from .multistep import multistep_coefficients
-from .settings import T_END, VARIANTS, Setting, published_setting
-from .variant_tables import VariantTables, variant_tables_many
-from .variants import VariantSteps, variant_form
+from .learn import Learn, learn_setting, paired_z, split_rows
+from .loop import Hooks, ModelCall, affine_rows, hop_rows, integrate
+from .multistep import MAX_ORDER
+from .settings import T_END, Setting, load_tuned, published_setting, save_tuned
+from .threads import api_threads
+from .variants import VARIANTS, Steps, step_rows, step_tables_many
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -57,59 +57,13 @@ DEFAULT_VARIANTS: tuple[str, ...] = ("multistep-corrector", "data-corrector")
 REFERENCE_SETTING = Setting(T_END, 1.0, 3, None, "multistep-corrector")
 #: Rows (prior draws x settings) per model call when max_rows is None: ROW_ELEMENTS / numel(x).
 ROW_ELEMENTS = 1 << 20
-FORMAT = "psb_fast.tuned/1"
+#: The tuned-settings files are read and written by psb_fast.settings (names kept here).
+__all__ = [
+    "Search", "compared_settings", "load_tuned", "reference_solution", "run_settings", "save_tuned", "tune",
+]
 
 
 # ----------------------------------------------------------------------------- the batched sampler
-
-
-@lru_cache(maxsize=8192)
-def _coefficients(bridge_key: tuple, nfe: int, t0: float, setting: Setting):
-    grid = setting.grid(nfe, t0)
-    co = multistep_coefficients(_bridge(bridge_key), grid, setting.order)
-    return grid, co
-
-
-@lru_cache(maxsize=16)
-def _bridge(bridge_key: tuple) -> PhaseBridge:
-    """The bridge of a key, made once (making one collapses its closed forms: milliseconds)."""
-    return PhaseBridge(*bridge_key)
-
-
-def _setting_tables(bridge: PhaseBridge, nfe: int, settings: Sequence[Setting], t0: float):
-    """times [C, nfe], h [C, nfe-1], Cx/Cv [C, nfe-1, 4] (zero-padded to order 3), T [C]."""
-    C, S = len(settings), max(nfe - 1, 0)
-    times = torch.empty(C, nfe, dtype=torch.float64)
-    h = torch.zeros(C, S, dtype=torch.float64)
-    Cx = torch.zeros(C, S, 4, dtype=torch.float64)
-    Cv = torch.zeros(C, S, 4, dtype=torch.float64)
-    for c, setting in enumerate(settings):
-        grid, co = _coefficients(bridge.key(), nfe, float(t0), setting)
-        times[c] = grid
-        if S:
-            h[c] = co.h
-            Cx[c, :, : setting.order + 1] = co.Cx
-            Cv[c, :, : setting.order + 1] = co.Cv
-    return times, h, Cx, Cv, times[:, -1].clone()
-
-
-_VARIANT_TABLES: dict[tuple, VariantTables] = {}
-
-
-def _variant_tables(
-    bridge: PhaseBridge, nfe: int, settings: Sequence[Setting], t0: float
-) -> list[VariantTables]:
-    """`variant_tables` of each setting (one form), the missing ones made in one call, cached."""
-    form = variant_form(settings[0].variant)[0]
-    keys = [(bridge.key(), nfe, float(t0), s.replace(variant=VARIANTS[0]), form) for s in settings]
-    missing = sorted({k for k in keys if k not in _VARIANT_TABLES})
-    if missing:
-        if len(_VARIANT_TABLES) > 20000:
-            _VARIANT_TABLES.clear()
-        grids, orders = [k[3].grid(nfe, t0) for k in missing], [k[3].order for k in missing]
-        made = variant_tables_many(bridge, grids, orders, form)
-        _VARIANT_TABLES.update(zip(missing, made, strict=True))
-    return [_VARIANT_TABLES[k] for k in keys]
 
 
 def run_settings(
@@ -124,18 +78,18 @@ def run_settings(
 ) -> torch.Tensor:
     """Hop outputs x1_hat of the probODE sampler for every setting, float64 [C, B, C_x, ...].
 
-    Equal (to rounding) to `reference.sampler.sample_ode(model, m0, bridge, setting.grid(nfe, t0),
-    setting.order, hop=True)` per setting (a Setting or (T, q, order[, fractions]); all are checked
-    before the first model call).
+    Equal (to rounding) to `reference.sampler.sample_variant(model, m0, bridge, setting.grid(nfe,
+    t0), setting.order, setting.variant, hop=True)` per setting (a Setting or (T, q, order[,
+    fractions]); all are checked before the first model call).
     max_rows: rows per model call (settings are batched whole; None -> len(m0), i.e. one
     setting per call). Raising it batches settings (the model must accept a per-row t).
     on_done: called with the number of settings just finished after each model-call batch
-    (progress reporting).
+    (progress reporting). The model runs without autograd (torch.no_grad), so a model whose
+    parameters require grad is fine.
     """
     if bridge.mode != "probODE":
         raise ValueError(f"tuning needs a probODE bridge, got mode={bridge.mode!r}")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
+    nfe = checks.count("nfe", nfe, 1)
     settings = [Setting.coerce(s) for s in settings]
     for setting in settings:
         setting.check(nfe, t0)
@@ -154,91 +108,52 @@ def run_settings(
                and settings[order_of[stop]].variant == variant):
             stop += 1
         chunk = [settings[c] for c in order_of[start:stop]]
-        run = _run_chunk if variant == VARIANTS[0] else _run_variant_chunk
-        for c, out in zip(order_of[start:stop], run(model, bridge, m0, nfe, chunk, t0), strict=True):
-            outs[c] = out
+        with torch.no_grad():
+            out = _run_chunk(model, bridge, m0, nfe, chunk, t0)
+        for c, x1 in zip(order_of[start:stop], out, strict=True):
+            outs[c] = x1
         if on_done is not None:
             on_done(len(chunk))
         start = stop
     return torch.stack(outs, dim=0)
 
 
-def _run_chunk(model, bridge, m0, nfe, settings, t0) -> torch.Tensor:
-    """The hop outputs of `settings` from the prior batch m0, [C, B, C_x, ...] float64.
+def _run_chunk(model, bridge: PhaseBridge, m0: torch.Tensor, nfe: int, settings: list[Setting], t0: float):
+    """The hop outputs of `settings` (one variant) from the prior batch m0, [C, B, C_x, ...] float64.
 
-    The sampler's loop (`psb_fast.loop.integrate`, as in PhaseSampler) on one float64 state that
-    stacks the settings (row c B + b: setting c, prior draw b): each row has its own evaluation
-    times and multistep coefficients (`loop.multistep_rows`), and the model is called once per
-    evaluation on all rows (in m0's dtype, with a per-row t).
+    The sampler's loop (`psb_fast.loop.integrate`) and step path (`psb_fast.variants.Steps`, as in
+    PhaseSampler) on one float64 state that stacks the settings (row c B + b: setting c, prior
+    draw b): each row has its own evaluation times, step tables (`step_rows` with per-row values,
+    orders zero-padded to the largest) and hop weights (`loop.affine_rows`, `loop.hop_rows`), and
+    the model is called once per evaluation on all rows (in m0's dtype, with a per-row t).
     """
-    times, h, Cx, Cv, T = _setting_tables(bridge, nfe, settings, t0)
     C, B = len(settings), m0.shape[0]
-    rows, unit = C * B, (1,) * (m0.dim() - 1)
+    unit = (1,) * (m0.dim() - 1)
     order = max(setting.order for setting in settings)
+    grids = [setting.grid(nfe, t0) for setting in settings]
+    tables = step_tables_many(bridge, grids, [s.order for s in settings], settings[0].variant)
 
-    def per_row(a: torch.Tensor) -> torch.Tensor:  # [C, ...] -> [..., C B, 1, ...] on m0's device
-        a = a.to(m0.device).repeat_interleave(B, dim=0)
-        return a.movedim(0, -1).reshape(*a.shape[1:], rows, *unit).contiguous()
+    def per_row(a: torch.Tensor) -> torch.Tensor:  # [C] float64 -> [C B, 1, ...] on m0's device
+        return a.to(m0.device).repeat_interleave(B).reshape(C * B, *unit)
 
-    h_rows, Cx_rows, Cv_rows = per_row(h), per_row(Cx[..., : order + 1]), per_row(Cv[..., : order + 1])
-    steps = [(None, h_rows[i], Cx_rows[i, : min(i, order) + 1], Cv_rows[i, : min(i, order) + 1])
-             for i in range(nfe - 1)]
-    co = bridge.coefficients(T)  # the hop's weights at each setting's T, folded in float64
-    weights = [per_row(w) for w in probode_hop_weights(co.normalizer, co.P, co.hop_aa, co.hop_bb, co.hop_den)]
-    return _run_rows(model, m0, times, Multistep(steps, order, multistep_rows), None, weights)
-
-
-def _run_rows(model, m0: torch.Tensor, times: torch.Tensor, step, correct, hop_weights) -> torch.Tensor:
-    """The loop on one float64 state stacking C settings (row c B + b: setting c, prior draw b),
-    then the hop with per-row weights; times: [C, nfe] evaluation times. [C, B, C_x, ...]."""
-    C, nfe = times.shape
-    B, unit = m0.shape[0], (1,) * (m0.dim() - 1)
+    rows, estimates = step_rows(tables, order, per_row)
+    times = torch.stack(grids)  # [C, nfe]
+    steps = Steps(rows, order, affine_rows, estimates, _scaled_estimate_rows)
     m = m0.detach().to(torch.float64).repeat((C,) + unit)  # m_0 of every row
     t_rows = times.to(m0.device).repeat_interleave(B, dim=0).T.to(m0.dtype).contiguous()  # [nfe, C B]
-    F = integrate(m, evaluate=ModelCall(model, None, t_rows.unbind(0), m0.dtype, m), step=step,
-                  nfe=nfe, n_steps=nfe - 1, hooks=Hooks(), correct=correct)
-    x1 = hop_rows(m, F, hop_weights)  # x1 = a_F F + a_x x + a_v v at each row's T
+    F = integrate(m, evaluate=ModelCall(model, None, t_rows.unbind(0), m0.dtype, m), step=steps.step,
+                  nfe=nfe, n_steps=nfe - 1, hooks=Hooks(), correct=steps.correct)
+    co = bridge.coefficients(times[:, -1])  # the hop at each setting's T, from the (corrected) state
+    weights = [per_row(w) for w in probode_hop_weights(co.normalizer, co.P, co.hop_aa, co.hop_bb, co.hop_den)]
+    x1 = hop_rows(m, F, tuple(weights))
     return x1.reshape(C, B, *x1.shape[1:])
 
 
-def _run_variant_chunk(model, bridge, m0, nfe, settings, t0) -> torch.Tensor:
-    """As `_run_chunk` for settings of one other variant (psb_fast.variants), [C, B, C_x, ...]:
-    `VariantSteps` with per-row tables (orders zero-padded to the largest)."""
-    form, corrector = variant_form(settings[0].variant)
-    tables = _variant_tables(bridge, nfe, settings, t0)
-    C, B = len(settings), m0.shape[0]
-    rows, unit = C * B, (1,) * (m0.dim() - 1)
-    order = max(setting.order for setting in settings)
-    S = max(nfe - 1, 0)
-
-    def per_row(a: torch.Tensor) -> torch.Tensor:  # [C] -> [C B, 1, ...] on m0's device
-        return a.to(m0.device).repeat_interleave(B).reshape(rows, *unit)
-
-    def padded(name: str, width: int) -> torch.Tensor:  # [C, S, 2, width]
-        out = torch.zeros(C, S, 2, width, dtype=torch.float64)
-        for c, tab in enumerate(tables):
-            value = getattr(tab, name)
-            out[c, :, :, : value.shape[-1]] = value
-        return out
-
-    Phi, Cs, Ds = padded("Phi", 2), padded("C", order + 1), padded("D", order + 2)
-    step_rows = []
-    for i in range(S):
-        q = min(i, order)
-        phi = tuple(per_row(Phi[:, i, r, k]) for r in (0, 1) for k in (0, 1))
-        c = [(per_row(Cs[:, i, 0, j]), per_row(Cs[:, i, 1, j])) for j in range(q + 1)]
-        d = None
-        if corrector:
-            d = [(per_row(Ds[:, i, 0, j]), per_row(Ds[:, i, 1, j])) for j in range(q + 2)]
-        step_rows.append((phi, c, d))
-    times = torch.stack([setting.grid(nfe, t0) for setting in settings])  # [C, nfe]
-    # hop weights per row at every evaluation time (the data form's x1 estimates) or at T only
-    at = times if form == "data" else times[:, -1:]
-    co = bridge.coefficients(at)
-    weights = probode_hop_weights(co.normalizer, co.P, co.hop_aa, co.hop_bb, co.hop_den)  # each [C, len]
-    hop_at = [tuple(per_row(w[:, i]) for w in weights) for i in range(at.shape[1])]
-    steps = VariantSteps(step_rows, order, form, hop_at if form == "data" else None)
-    return _run_rows(model, m0, times, steps.step, steps.correct, hop_at[-1])  # hop: the corrected state
+def _scaled_estimate_rows(m: torch.Tensor, F: torch.Tensor, weights: tuple) -> torch.Tensor:
+    """The data form's per-row source Y~ = F + r_x x + r_v v, weights (1, r_x, r_v) (psb_fast.variants)."""
+    _, r_x, r_v = weights
+    x, v = split_phase(m)
+    return torch.addcmul(F, r_x, x).addcmul_(r_v, v)
 
 
 def rmse(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -366,59 +281,110 @@ def optimize_grid(
     return setting(theta), best, it
 
 
+@dataclass(frozen=True)
+class Search:
+    """What `tune` searches, per NFE.
+
+    Ts: hop-time candidates (None: `hop_times(nfe)` around the package default's T); qs, orders,
+    variants: grid powers, orders and variants (the coarse stage is their product with Ts);
+    coarse_rows: rows of m0 of the coarse stage (None: all); refine: then the `top_k` best and a
+    finer T/q neighbourhood of each (`refine_candidates`) on all of m0; free_grid: then, for
+    NFE >= 3, move T and every grid node (`optimize_grid` on the log-RMSE over all of m0) and add
+    the "fractions" of the grid (this fits nfe parameters to m0: check the result on fresh draws).
+    """
+
+    Ts: Sequence[float] | None = None
+    qs: Sequence[float] = DEFAULT_QS
+    orders: Sequence[int] = DEFAULT_ORDERS
+    variants: Sequence[str] = DEFAULT_VARIANTS
+    coarse_rows: int | None = 256
+    refine: bool = True
+    top_k: int = 3
+    free_grid: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("qs", "orders", "variants"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.Ts is not None:
+            object.__setattr__(self, "Ts", tuple(float(T) for T in self.Ts))
+        for v in self.variants:
+            checks.choice("variants[]", v, VARIANTS)
+        for o in self.orders:
+            checks.count("orders[]", o, 0, MAX_ORDER)
+        checks.flag("refine", self.refine)
+        checks.flag("free_grid", self.free_grid)
+        checks.count("top_k", self.top_k, 1)
+        if self.coarse_rows is not None:
+            checks.count("coarse_rows", self.coarse_rows, 1)
+
+
+#: `tune`'s old keywords, now the fields of its `Search` (still accepted, with a warning).
+_SEARCH_KEYWORDS = tuple(f.name for f in fields(Search))
+
+
 def tune(
     model: Model,
     bridge: PhaseBridge,
     nfes: Iterable[int],
     m0: torch.Tensor,
-    Ts: Sequence[float] | None = None,
-    qs: Sequence[float] | None = None,
-    orders: Sequence[int] | None = None,
+    search: Search | None = None,
+    *,
     reference_nfe: int = 400,
-    variants: Sequence[str] | None = None,
-    progress: bool = True,
-    t0: float = 1e-5,
-    refine: bool = True,
-    top_k: int = 3,
-    coarse_rows: int | None = 256,
-    max_rows: int | None = None,
     target: torch.Tensor | None = None,
-    free_grid: bool = False,
+    t0: float = 1e-5,
+    max_rows: int | None = None,
+    progress: bool = True,
+    learn: bool | object = False,
+    **old: object,
 ) -> dict[int, dict]:
     """Choose (T, q, order, variant[, fractions]) per NFE for `model` by the RMSE against its own
-    high-NFE solution.
+    high-NFE solution. learn: True or a `psb_fast.learn.Learn`: then learn the step times and T
+    from the search's pick on part of m0 and keep them where they win on held-out rows of m0
+    (`tune_learned`, its entries' "learn" records which was kept).
 
-    model(m, t) -> F as for `PhaseSampler.sample`; m0: a prior batch ([B, 2C, ...], e.g.
-    bridge.sample_prior with a fixed generator). Use B >= 1000 where you can: at low NFE the
-    error is dominated by the few samples that the sampler sends to another mode than the
-    exact flow, and with a few hundred rows the search picks settings that happen to spare
-    those particular samples (a winner's curse; the tuned gain then fails to reproduce).
+    model(m, t) -> F as for `PhaseSampler.sample` (run without autograd: a model whose parameters
+    require grad is fine); m0: a prior batch ([B, 2C, ...], e.g. bridge.sample_prior with a fixed
+    generator). Use B >= 1000 where you can: at low NFE the error is dominated by the few samples
+    that the sampler sends to another mode than the exact flow, and with a few hundred rows the
+    search picks settings that happen to spare those particular samples (a winner's curse; the
+    tuned gain then fails to reproduce).
 
-    Search: the product Ts x qs x orders x variants (defaults: `hop_times(nfe)` around the
-    package default's T, DEFAULT_QS, DEFAULT_ORDERS, DEFAULT_VARIANTS) on the first
-    `coarse_rows` rows of m0 (None: all), then, with refine, the `top_k` best and a finer T/q
-    neighbourhood of each (`refine_candidates`) on all of m0; the published setting and the
-    package default are candidates in both stages, so the chosen RMSE is at most theirs on m0.
+    search: what is searched (`Search`; None: its defaults). The published setting and the package
+    default are candidates in every stage, so the chosen RMSE is at most theirs on m0.
     reference_nfe: NFE of the target solution (REFERENCE_SETTING); or pass the target itself
     ([B, C, ...], x1 from the same m0). max_rows: see `run_settings` (None: ROW_ELEMENTS / the
-    number of elements of one data point, at least len(m0)).
-    free_grid: then, for NFE >= 3, move T and every grid node (`optimize_grid` on the log-RMSE
-    over all of m0) and add the "fractions" of the grid; this fits nfe parameters to m0, so
-    check the result on fresh prior draws.
+    number of elements of one data point, at least len(m0)). The old keywords Ts, qs, orders,
+    variants, coarse_rows, refine, top_k, free_grid still work, with a FutureWarning: they are
+    the fields of `Search`.
 
     Returns {nfe: {"T", "q", "order", ["variant",] ["fractions",] "rmse", "published": [T, q,
     order], "published_rmse", "ratio", "default": <the package default's setting JSON>,
     "default_rmse"}} (errors on all of m0; ratio = rmse / published_rmse).
     """
+    unknown = sorted(set(old) - set(_SEARCH_KEYWORDS))
+    if unknown:
+        raise TypeError(f"tune() got unexpected keyword argument(s) {unknown}")
+    if old:
+        if search is not None:
+            raise ValueError(f"pass either search or the old keywords {sorted(old)}, not both")
+        warn_once(f"tune({', '.join(f'{k}=' for k in sorted(old))}...) is deprecated: pass "
+                  "search=psb_fast.tuning.Search(...) with those fields")
+        search = Search(**{k: v for k, v in old.items() if v is not None})
+    search = Search() if search is None else search
+    if learn is not False:  # psb_fast.learn splits m0, runs this search on its tuning rows, learns
+        return tune_learned(model, bridge, nfes, m0, search, Learn() if learn is True else learn,
+                            reference_nfe=reference_nfe, target=target, t0=t0, max_rows=max_rows,
+                            progress=progress)
+    with torch.no_grad(), api_threads(m0):  # one thread for small calls unless the caller set the count
+        return _tune(model, bridge, nfes, m0, search, reference_nfe, target, t0, max_rows, progress)
+
+
+def _tune(model, bridge, nfes, m0, search: Search, reference_nfe, target, t0, max_rows, progress) -> dict:
     nfes = sorted({int(n) for n in nfes})
     if not nfes or nfes[0] < 1:
         raise ValueError(f"nfes must be a non-empty set of ints >= 1, got {nfes}")
-    qs = tuple(DEFAULT_QS if qs is None else qs)
-    orders = tuple(DEFAULT_ORDERS if orders is None else orders)
-    variants = tuple(DEFAULT_VARIANTS if variants is None else variants)
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"variants must be among {VARIANTS}, got {unknown}")
+    Ts, qs, orders, variants = search.Ts, search.qs, search.orders, search.variants
+    refine, top_k, coarse_rows, free_grid = search.refine, search.top_k, search.coarse_rows, search.free_grid
 
     def grid_of(nfe: int) -> tuple[list[Setting], tuple[float, ...]]:
         Ts_n = tuple(hop_times(nfe) if Ts is None else Ts)
@@ -440,8 +406,18 @@ def tune(
     def fixed(nfe: int) -> list[Setting]:  # the published setting first, then the package default
         return list(dict.fromkeys([published_setting(nfe), default_setting(nfe)]))
 
-    bar = tqdm(total=sum(len(set(grid_of(n)[0]) | set(fixed(n))) for n in nfes), unit="candidate",
-               disable=not progress, desc="tune")
+    from .progress import progress_bar
+
+    second = refine or n_coarse < len(m0)  # a second stage on all rows
+
+    def bound(nfe: int) -> int:  # its candidates, at most (refinement: <= 6 hop times per best setting)
+        coarse = len(set(grid_of(nfe)[0]) | set(fixed(nfe)))
+        return 0 if not second else len(fixed(nfe)) + top_k * 6 if refine else coarse
+
+    # one bar over every candidate run, its total fixed from the start (a stage that runs fewer
+    # candidates than its bound moves the bar on by the rest)
+    bar = progress_bar(total=sum(len(set(grid_of(n)[0]) | set(fixed(n))) + bound(n) for n in nfes),
+                       unit="candidate", disable=not progress, desc="tune")
     for nfe in nfes:
         bar.set_postfix_str(f"NFE {nfe}")
         coarse, Ts_n = grid_of(nfe)
@@ -455,10 +431,9 @@ def tune(
             final = fixed(nfe) + [s for s in sorted(finer) if s not in fixed(nfe)]
         else:
             final = cands
-        if refine or n_coarse < len(m0):
-            bar.total += len(final)
-            bar.refresh()
+        if second:
             errs = settings_rmse(model, bridge, m0, target, nfe, final, t0, max_rows, bar.update)
+            bar.update(max(0, bound(nfe) - len(final)))
         i = int(errs.argmin())
         best, err, err_pub = final[i], float(errs[i]), float(errs[0])
         if free_grid and nfe >= 3:
@@ -488,62 +463,96 @@ def _entry(setting: Setting) -> dict:
     return entry
 
 
-# ----------------------------------------------------------------------------- JSON
+def compared_settings(entry: dict, nfe: int) -> dict[str, Setting]:
+    """The settings one NFE's entry of `tune` compares, by name: "defaults" (the package's),
+    "tuned" (the grid search's pick), "learned" (with learn=..., where a setting was learned) and
+    "published". Which of tuned / learned the entry keeps: `entry["learn"]["kept"]` ("grid" or
+    "learned"; without learning, the entry is the grid search's pick)."""
+    learn = entry.get("learn")
+    named = {"defaults": default_setting(nfe),
+             "tuned": Setting.from_json(entry if learn is None else learn["grid"])}
+    if learn is not None and learn.get("learned") is not None:
+        named["learned"] = Setting.from_json(learn["learned"])
+    named["published"] = published_setting(nfe)
+    return named
 
 
-def save_tuned(result: dict[int, dict], path: str | os.PathLike) -> None:
-    """Write a `tune` result as JSON ({"format", "settings": {"<nfe>": {...}}})."""
-    settings = _validate(result, str(path))
-    payload = {"format": FORMAT, "settings": {str(n): settings[n] for n in sorted(settings)}}
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=1)
-        fh.write("\n")
+# ----------------------------------------------------------------- learned step times (psb_fast.learn)
 
 
-def load_tuned(path: str | os.PathLike) -> dict[int, dict]:
-    """Read a file written by `save_tuned`: {nfe: {"T", "q", "order"[, "fractions"], ...}}.
+def tune_learned(
+    model: Model, bridge: PhaseBridge, nfes: Sequence[int], m0: torch.Tensor, search, options: Learn, *,
+    reference_nfe: int = 400, target: torch.Tensor | None = None, t0: float = 1e-5,
+    max_rows: int | None = None, progress: bool = True,
+) -> dict[int, dict]:
+    """`psb_fast.tune(..., learn=options)` (module docstring). Returns {nfe: the kept setting's
+    entry "T", "q", "order", ["variant",] ["fractions",] with "rmse", "published_rmse",
+    "default_rmse" and "ratio" (rmse / published_rmse) all on the evaluation draws, "published",
+    "default" as `tune` gives them, and "learn": {"kept": "learned" or "grid", "grid": the grid
+    search's pick (setting JSON), "grid_rmse", "learned": the learned setting JSON or None,
+    "learned_rmse" (evaluation draws; None when nothing was learned), "ratio_to_grid", "z" (the
+    paired z of learned minus grid per-draw squared errors; None when nothing was learned), "draws":
+    {"tune", "validation", "evaluation"}, "validation_rmse": [start, best], "tuning_rmse": [start,
+    at best], "iterations", "seconds", "curve", "jacobian", "teacher_ball", "note"}}."""
+    if not isinstance(options, Learn):
+        raise TypeError(f"learn must be a bool or a psb_fast.learn.Learn, got {options!r}")
+    if bridge.mode != "probODE":
+        raise ValueError(f"learning needs a probODE bridge, got mode={bridge.mode!r}")
+    nfes = sorted({checks.count("nfes[]", n, 1) for n in nfes})
+    if not nfes:
+        raise ValueError("nfes must be a non-empty set of ints >= 1")
+    tune_rows, val_rows, eval_rows = split_rows(len(m0), options)
+    with api_threads(m0):  # one thread for small calls unless the caller set the count
+        return _tune_learned(model, bridge, nfes, m0, search, options, tune_rows, val_rows, eval_rows,
+                             reference_nfe, target, t0, max_rows, progress)
 
-    Raises ValueError naming the problem if the file is not valid JSON or a setting is malformed
-    (NFE not an int >= 1, T not in (0, 1), q not finite > 0, order not an int in 0..3, fractions
-    not nfe numbers rising strictly from 0 to 1, variant unknown): `Setting.from_json` checks each
-    entry. `PhaseSampler.from_tuned` maps an entry to a grid with `Setting.from_json(entry).grid(nfe, t0)`.
-    """
-    try:
-        with open(path, encoding="utf-8") as fh:
-            payload = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not a valid tuned-settings JSON file ({err})") from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: expected a JSON object with format {FORMAT!r}")
-    settings = payload.get("settings")
-    if not isinstance(settings, dict) or not settings:
-        raise ValueError(f"{path}: 'settings' must be a non-empty object mapping NFE -> setting")
-    parsed = {}
-    for key, value in settings.items():
-        try:
-            nfe = int(key)
-        except ValueError:
-            raise ValueError(f"{path}: NFE key {key!r} is not an integer") from None
-        parsed[nfe] = value
-    return _validate(parsed, str(path))
 
-
-def _validate(result, where: str) -> dict[int, dict]:
-    if not isinstance(result, dict) or not result:
-        raise ValueError(f"{where}: tuned settings must be a non-empty dict NFE -> setting")
-    out = {}
-    for nfe, entry in result.items():
-        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-            raise ValueError(f"{where}: NFE must be an int >= 1, got {nfe!r}")
-        if not isinstance(entry, dict) or not {"T", "q", "order"} <= set(entry):
-            raise ValueError(f"{where}: NFE {nfe}: each setting needs keys 'T', 'q', 'order', got {entry!r}")
-        try:
-            setting = Setting.from_json(entry)
-            setting.check(nfe, 0.0)
-        except ValueError as err:
-            raise ValueError(f"{where}: NFE {nfe}: {err}") from None
-        clean = {k: v for k, v in entry.items() if k not in ("T", "q", "order", "fractions")}
-        if setting.fractions is not None:
-            clean["fractions"] = list(setting.fractions)
-        out[nfe] = {"T": setting.T, "q": setting.q, "order": setting.order, **clean}
-    return out
+def _tune_learned(model, bridge, nfes, m0, search, options, tune_rows, val_rows, eval_rows, reference_nfe,
+                  target, t0, max_rows, progress) -> dict[int, dict]:
+    if target is None:
+        with torch.no_grad():
+            target = reference_solution(model, bridge, m0, reference_nfe, t0, max_rows)
+    elif target.shape[0] != m0.shape[0]:
+        raise ValueError(f"target must hold one row per row of m0 ({m0.shape[0]}), got {target.shape[0]}")
+    grid = tune(model, bridge, nfes, m0[tune_rows], search, target=target[tune_rows], t0=t0,
+                max_rows=max_rows, progress=progress)
+    m_eval, target_eval = m0[eval_rows], target[eval_rows]
+    draws = {"tune": tune_rows.stop, "validation": val_rows.stop - val_rows.start,
+             "evaluation": eval_rows.stop - eval_rows.start}
+    result: dict[int, dict] = {}
+    for nfe in nfes:
+        picked = Setting.from_json(grid[nfe])
+        learned = None
+        if nfe >= 2:
+            learned = learn_setting(model, bridge, nfe, picked, m0[tune_rows], target[tune_rows],
+                                    m0[val_rows], target[val_rows], options, t0, progress)
+        pub, default = published_setting(nfe), default_setting(nfe)
+        candidates = [picked, pub, default] + ([learned.setting] if learned and learned.setting else [])
+        with torch.no_grad():
+            outs = run_settings(model, bridge, m_eval, nfe, candidates, t0, max_rows)
+        # per-draw mean squared errors [C, B]: learned vs grid are compared on the same draws
+        per_draw = (outs - target_eval.to(outs.device, torch.float64)).pow(2).flatten(2).mean(2).cpu()
+        errs = per_draw.mean(1).sqrt().tolist()
+        learned_rmse, z = (errs[3], paired_z(per_draw[3], per_draw[0])) if len(errs) > 3 else (None, None)
+        keep_learned = learned_rmse is not None and learned_rmse < errs[0] and z < -options.keep_z
+        kept, err = (learned.setting, learned_rmse) if keep_learned else (picked, errs[0])
+        result[nfe] = {
+            **_entry(kept), "rmse": err, "published": list(pub.as_tuple()), "published_rmse": errs[1],
+            "ratio": err / errs[1] if errs[1] > 0 else 1.0, "default": default.to_json(),
+            "default_rmse": errs[2],
+            "learn": {
+                "kept": "learned" if keep_learned else "grid", "grid": picked.to_json(), "grid_rmse": errs[0],
+                "learned": None if learned is None or learned.setting is None else learned.setting.to_json(),
+                "learned_rmse": learned_rmse,
+                "ratio_to_grid": None if learned_rmse is None else learned_rmse / errs[0], "z": z,
+                "draws": draws,
+                "validation_rmse": None if learned is None else [learned.start_val, learned.best_val],
+                "tuning_rmse": None if learned is None else [learned.start_train, learned.best_train],
+                "iterations": 0 if learned is None else learned.iterations,
+                "seconds": 0.0 if learned is None else learned.seconds,
+                "curve": [] if learned is None else [list(c) for c in learned.curve],
+                "jacobian": options.jacobian, "teacher_ball": options.teacher_ball,
+                "note": "nfe < 2: nothing to learn" if learned is None else learned.note,
+            },
+        }
+    return result

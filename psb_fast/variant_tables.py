@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from .bridge import PhaseBridge
+from .bridge import Coefficients, PhaseBridge, probode_hop_weights
 
 #: Largest RK4 step in u = -log(1 - t).
 RK4_DU = 0.0125
+_FIELDS = tuple(f.name for f in fields(Coefficients))
 FORMS = ("F", "data")
 
 
@@ -50,6 +51,8 @@ class VariantTables:
     (x, v) over step i. C: [S, 2, order + 1], column j multiplies Y_{i-j} (rows: x, v; zero where
     j > min(i, order)). D: [S, 2, order + 2] corrector increments, column 0 multiplies Y_{i+1} and
     column j + 1 multiplies Y_{i-j}; zero for a step that ends at t_end (no evaluation there).
+    hop: [n, 3] the probODE hop weights (a_F, a_x, a_v) at the n grid times (the data form's
+    estimates; the hop at T), from the same `PhaseBridge.coefficients` call as the integration.
     """
 
     form: str
@@ -58,6 +61,7 @@ class VariantTables:
     Phi: torch.Tensor
     C: torch.Tensor
     D: torch.Tensor
+    hop: torch.Tensor
 
 
 def variant_tables(
@@ -91,26 +95,31 @@ def variant_tables_many(
             ends.append(nodes[i + 1])
             node_sets.append((predictor, corrector))
             owner.append(k)
-    Phi, C, D = _integrate(bridge, starts, ends, node_sets, P, form)
-    out = []
+    grid_times = torch.cat([g.to(torch.float64).reshape(-1) for g in grids])
+    Phi, C, D, co = _integrate(bridge, starts, ends, node_sets, P, form, grid_times)
+    hop = torch.stack(probode_hop_weights(co.normalizer, co.P, co.hop_aa, co.hop_bb, co.hop_den), 1)
+    out, first = [], 0
     for k, order in enumerate(orders):
         rows = [i for i, o in enumerate(owner) if o == k]
         t = torch.tensor([starts[i] for i in rows], dtype=torch.float64)
         h = torch.tensor([ends[i] for i in rows], dtype=torch.float64) - t
+        n = grids[k].numel()
         out.append(VariantTables(form, t, h, Phi[rows].clone(), C[rows, :, : order + 1].contiguous(),
-                                 D[rows, :, : order + 2].contiguous()))
+                                 D[rows, :, : order + 2].contiguous(), hop[first : first + n]))
+        first += n
     return out
 
 
 def _integrate(
     bridge: PhaseBridge, starts: list[float], ends: list[float], node_sets: list[tuple[list, list]],
-    P: int, form: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Phi [S, 2, 2], C [S, 2, P], D [S, 2, P + 1] of S steps (module docstring) by RK4 in u."""
+    P: int, form: str, extra: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+    """Phi [S, 2, 2], C [S, 2, P], D [S, 2, P + 1] of S steps (module docstring) by RK4 in u, and
+    `bridge.coefficients(extra)` (the same call as the integration's: one call per build)."""
     S = len(starts)
     if S == 0:
         return (torch.zeros(0, 2, 2, dtype=torch.float64), torch.zeros(0, 2, P, dtype=torch.float64),
-                torch.zeros(0, 2, P + 1, dtype=torch.float64))
+                torch.zeros(0, 2, P + 1, dtype=torch.float64), bridge.coefficients(extra))
     # Node times per step: predictor (t_i, ..., t_{i-q}) in columns 0..P-1, corrector (t_{i+1},
     # t_i, ..., t_{i-q}) in columns P..2P; unused columns masked.
     node_t = torch.zeros(S, 2 * P + 1, dtype=torch.float64)
@@ -128,7 +137,9 @@ def _integrate(
     u_pts = u_a[:, None] + du[:, None] * torch.arange(2 * K + 1, dtype=torch.float64) / 2  # [S, 2K+1]
     tau = torch.exp(-u_pts)
     s = -torch.expm1(-u_pts)
-    co = bridge.coefficients(s)
+    co_all = bridge.coefficients(torch.cat([s.reshape(-1), extra]))
+    co = type(co_all)(**{f: getattr(co_all, f)[: s.numel()].reshape(s.shape) for f in _FIELDS})
+    co_extra = type(co_all)(**{f: getattr(co_all, f)[s.numel() :] for f in _FIELDS})
     if form == "data":
         a_xw = (-4 * tau * co.hop_aa, -(1 + 4 * co.hop_bb))
         forcing = tau * tau * co.hop_den
@@ -141,12 +152,14 @@ def _integrate(
     Y[:, 0, 0] = 1.0
     Y[:, 1, 1] = 1.0
 
+    a_x, a_w = a_xw[0].T[:, :, None].contiguous(), a_xw[1].T[:, :, None].contiguous()  # [2K+1, S, 1]
+    push = (forcing[:, :, None] * basis).transpose(0, 1).contiguous()  # [2K+1, S, 2P+1]
+
     def rhs(k: int, state: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(state)
-        out[:, 0] = state[:, 1]
-        out[:, 1] = a_xw[0][:, k, None] * state[:, 0] + a_xw[1][:, k, None] * state[:, 1]
-        out[:, 1, 2:] += forcing[:, k, None] * basis[:, k]
-        return out
+        w = state[:, 1]
+        dw = torch.addcmul(a_w[k] * w, a_x[k], state[:, 0])
+        dw[:, 2:] += push[k]
+        return torch.stack((w, dw), 1)
 
     h = du[:, None, None]
     for step in range(K):
@@ -164,7 +177,7 @@ def _integrate(
     D = Y[:, :, 2 + P :] * active[:, None, P:]
     D[:, :, 1:] -= C  # corrector minus predictor: column j + 1 <-> Y_{i-j}
     has_corrector = active[:, P][:, None, None]
-    return Y[:, :, :2].clone(), C, torch.where(has_corrector, D, torch.zeros_like(D))
+    return Y[:, :, :2].clone(), C, torch.where(has_corrector, D, torch.zeros_like(D)), co_extra
 
 
 def _lagrange(node_t: torch.Tensor, active: torch.Tensor, P: int, s: torch.Tensor) -> torch.Tensor:

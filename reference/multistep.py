@@ -45,7 +45,7 @@ def _lagrange(s: np.ndarray, nodes: list[float], j: int) -> np.ndarray:
     return out
 
 
-def ode_coefficients(
+def multistep_coefficients(
     bridge: PhaseBridge, grid: torch.Tensor, order: int, t_end: float | None = None
 ) -> StepCoefficients:
     """Coefficients of the steps between consecutive grid times, plus T -> t_end if given."""

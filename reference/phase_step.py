@@ -16,18 +16,23 @@ from psb_fast.bridge import PhaseBridge
 from .bridge_sample import _rows, bridge_terms
 
 
-def ode_step(
-    x: torch.Tensor, v: torch.Tensor, h: float,
+def phase_step(
+    x: torch.Tensor, v: torch.Tensor, h: float | Sequence[float],
     Cx: Sequence[float], Cv: Sequence[float], F_hist: Sequence[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exponential multistep update; F_hist[j] = F_{i-j} (newest first), len(Cx) == len(F_hist).
+    """The multistep update; F_hist[j] = Y_{i-j} (newest first), len(Cx) == len(F_hist).
 
-    x' = x + h v + sum_j Cx_j F_{i-j};  v' = v + sum_j Cv_j F_{i-j}.
+    h a step size (the F form, docs/math.md §7.1): x' = x + h v + sum_j Cx_j F_{i-j},
+    v' = v + sum_j Cv_j F_{i-j}. h a transition (p_xx, p_xv, p_vx, p_vv) (§7.4): x' = p_xx x +
+    p_xv v + sum_j Cx_j F_{i-j}, v' = p_vx x + p_vv v + sum_j Cv_j F_{i-j}.
     """
     if not len(Cx) == len(Cv) == len(F_hist):
         raise ValueError(f"Cx, Cv, F_hist must have equal lengths, got {len(Cx)}, {len(Cv)}, {len(F_hist)}")
-    x_new = x.double() + h * v.double()
-    v_new = v.double().clone()
+    if isinstance(h, (int, float)):
+        h = (1.0, h, 0.0, 1.0)
+    p_xx, p_xv, p_vx, p_vv = (float(p) for p in h)
+    x_new = p_xx * x.double() + p_xv * v.double()
+    v_new = p_vx * x.double() + p_vv * v.double()
     for cx, cv, F in zip(Cx, Cv, F_hist, strict=True):
         x_new = x_new + cx * F.double()
         v_new = v_new + cv * F.double()

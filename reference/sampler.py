@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from psb_fast.bridge import PhaseBridge
 
 from . import phase_step, sde_step
-from .multistep import ode_coefficients
+from .multistep import multistep_coefficients
 from .phase_step import hop_reference
+from .variants import VARIANT_FORMS, variant_tables
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 T_END = 0.999
@@ -52,7 +53,7 @@ def sample_ode(
     """Exponential multistep probability-flow ODE sampler of order `order` (0..3), NFE = len(grid)."""
     if bridge.mode != "probODE":
         raise ValueError(f"sample_ode needs a probODE bridge, got mode={bridge.mode!r}")
-    co = ode_coefficients(bridge, grid, order, None if hop else t_end)
+    co = multistep_coefficients(bridge, grid, order, None if hop else t_end)
     x, v = _split(m0)
     history: list[torch.Tensor] = []
     n = len(grid)
@@ -66,8 +67,45 @@ def sample_ode(
             break
         q = min(i, order)
         # docs/math.md §7.1: x += h v + sum_j Cx_{i,j} F_{i-j};  v += sum_j Cv_{i,j} F_{i-j}.
-        x, v = phase_step.ode_step(x, v, float(co.h[i]), co.Cx[i, : q + 1].tolist(),
+        x, v = phase_step.phase_step(x, v, float(co.h[i]), co.Cx[i, : q + 1].tolist(),
                                    co.Cv[i, : q + 1].tolist(), history[: q + 1])
+    return _finish(bridge, x, v, F, float(grid[-1]), hop, m0.dtype)
+
+
+def sample_variant(
+    model: Model, m0: torch.Tensor, bridge: PhaseBridge, grid: torch.Tensor, order: int = 2,
+    variant: str = "data-corrector", hop: bool = True, t_end: float = T_END,
+) -> torch.Tensor:
+    """The probability-flow sampler of a solver variant (docs/math.md §7.4), NFE = len(grid).
+
+    Y = F ("multistep", "multistep-corrector") or the hop's x1 estimate at each grid time ("data",
+    "data-corrector"). Predictor: m_{i+1} = Phi_i m_i + sum_j C_{i,j} Y_{i-j}; with the corrector,
+    evaluation i + 1 (at the predicted state) first adds D_{i,0} Y_{i+1} + sum_j D_{i,j+1} Y_{i-j};
+    the history keeps Y_{i+1} of the predicted state, and the hop reads the corrected state.
+    """
+    if bridge.mode != "probODE":
+        raise ValueError(f"sample_variant needs a probODE bridge, got mode={bridge.mode!r}")
+    form, corrector = VARIANT_FORMS[variant]
+    Phi, C, D = variant_tables(bridge, grid, order, form, None if hop else t_end)
+    x, v = _split(m0)
+    history: list[torch.Tensor] = []  # Y_i, Y_{i-1}, ... (newest first)
+    n = len(grid)
+    for i in range(n):
+        t = float(grid[i])
+        F = _evaluate(model, x, v, t, m0.dtype)
+        Y = hop_reference(bridge, x, v, F, t) if form == "data" else F
+        if corrector and i > 0:  # step i - 1 redone: m_i += D_{i-1,0} Y_i + sum_j D_{i-1,j+1} Y_{i-1-j}
+            q = min(i - 1, order)
+            sources = [Y] + history[: q + 1]
+            d = D[i - 1, :, : q + 2]
+            x, v = phase_step.phase_step(x, v, (1.0, 0.0, 0.0, 1.0), d[0].tolist(), d[1].tolist(), sources)
+        history = [Y] + history[:order]
+        if hop and i == n - 1:
+            break
+        q = min(i, order)
+        phi = Phi[i].flatten().tolist()  # (p_xx, p_xv, p_vx, p_vv)
+        x, v = phase_step.phase_step(x, v, phi, C[i, 0, : q + 1].tolist(), C[i, 1, : q + 1].tolist(),
+                                     history[: q + 1])
     return _finish(bridge, x, v, F, float(grid[-1]), hop, m0.dtype)
 
 
@@ -90,7 +128,7 @@ def sample_sde_exact(
 ) -> torch.Tensor:
     """Exact-noise exponential SDE step: m <- Phi(h) m + (Cx, Cv) F + chol(Q(t, h)) xi."""
     _check_sde(bridge)
-    co = ode_coefficients(bridge, grid, 0, None if hop else t_end)
+    co = multistep_coefficients(bridge, grid, 0, None if hop else t_end)
     x, v = _split(m0)
     for i, (t, _) in enumerate(tqdm(_sde_times(grid, hop, t_end), disable=not progress)):
         F = _evaluate(model, x, v, t, m0.dtype)

@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of one SDE step of each kind (docs/math.md §9): the oracle.
 
 State is kept as separate x, v tensors ([B, C, ...]); all math in float64. The drift part of
-the exact-noise step is the ODE update of `reference.phase_step`.
+the exact-noise step is the multistep update of `reference.phase_step`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .phase_step import ode_step
+from .phase_step import phase_step
 
 
 def transition_covariance(p: float, t: float, h: float) -> tuple[float, float, float]:
@@ -45,7 +45,7 @@ def exact_noise_step(
     cx: float, cv: float, F: torch.Tensor, xi_x: torch.Tensor, xi_v: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """m <- Phi(h) m + (cx, cv) F + chol(Q(t, h)) xi, Phi(h) = [[1, h], [0, 1]]."""
-    x_new, v_new = ode_step(x, v, h, [cx], [cv], [F])
+    x_new, v_new = phase_step(x, v, h, [cx], [cv], [F])
     return add_noise(x_new, v_new, cholesky2(*transition_covariance(p, t, h)), xi_x, xi_v)
 
 

@@ -119,7 +119,7 @@ def main() -> None:
     generated, compare = {}, []
     for nfe in COMPARE_NFES:
         tuned = PhaseSampler(bridge, nfe, backend="cpu")
-        published = PhaseSampler(bridge, nfe, **published_setting(nfe).sampler_kwargs(), backend="cpu")
+        published = PhaseSampler(bridge, nfe, published_setting(nfe), backend="cpu")
         start = time.perf_counter()
         x_tuned = tuned.sample(model, m0)
         seconds = time.perf_counter() - start

@@ -6,15 +6,15 @@
 Run from the repository root (studies/ is not installed). Inputs, in
 benchmarks/results/defaults_study/ (or --results), all written by studies/defaults_study.py:
 
-1. search.json: the picks at the anchor NFEs on the tune split (required);
-2. validate.json: per NFE 1..50 the interpolated pick and its alternates on the validate split;
-3. trained.json: the same settings on the trained models, NFE 3..50.
+1. fit.json: the rule's parameters fitted on the tune split and the fit models (required);
+   orders.json: where the order steps (replaces fit.json's order steps when present);
+2. validate.json: the rule vs published at every NFE 1..50 (and a few above) on the validate split;
+3. trained.json: the same on the trained models (fit and held out);
+4. test.json: the test split (written after the defaults; its summary is recorded when present).
 
-Per NFE the entry is the first of the pick and its alternates (`defaults_study.alternates`) that
-is not worse than the published setting
-on the validate split (median ratio <= 1) and on every trained model (ratio <= 1); else the
-published setting. Validate and trained results must be for the current picks (else ValueError:
-rerun them). The file's schema is in psb_fast/defaults.py.
+The file holds the rule (fit.json's, with orders.json's order steps), where it came from and its
+scores; the schema is in psb_fast/defaults.py. Validate, trained and test results must be for the
+current rule (else ValueError: rerun them).
 """
 
 from __future__ import annotations
@@ -25,114 +25,103 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from psb_fast.defaults import FORMAT, check_defaults
-from psb_fast.settings import Setting, published_setting
+from psb_fast.defaults import FORMAT, check_defaults, rule_setting
 from studies import defaults_study
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = defaults_study.OUT
 OUT = ROOT / "psb_fast" / "defaults.json"
 COMMAND = "python -m studies.make_defaults"
-DIGITS = 4  # decimals of the stored scores
-ABOUT = ("Per-NFE defaults of PhaseSampler (probability flow, hop). Data written by `python -m "
-         "studies.make_defaults` from studies/defaults_study.py's results; schema in psb_fast/defaults.py.")
+DIGITS = 4  # significant digits of the stored scores
+STAGES = ("fit", "orders", "validate", "trained", "test")
+ABOUT = ("Defaults of PhaseSampler (probability flow, hop): one rule of the NFE (psb_fast/defaults.py). Data "
+         "written by `python -m studies.make_defaults` from studies/defaults_study.py's results.")
 
 
 def read_results(results: Path) -> dict[str, dict | None]:
-    """The study's result files by stage (None where validate or trained is missing)."""
+    """The study's result files by stage (None where a stage other than fit is missing)."""
     out = {}
-    for stage in ("search", "validate", "trained"):
+    for stage in STAGES:
         path = results / f"{stage}.json"
         if not path.is_file():
-            if stage == "search":
-                raise FileNotFoundError(
-                    f"{path} is missing: run `python -m studies.defaults_study search` first")
+            if stage == "fit":
+                raise FileNotFoundError(f"{path} is missing: run `python -m studies.defaults_study search` "
+                                        "and `... fit` first")
             out[stage] = None
             continue
         out[stage] = json.loads(path.read_text())
     return out
 
 
-def _rows(results: Mapping | None, stage: str, nfe: int, expected: list[Setting]) -> list[dict] | None:
-    """A stage's rows for this NFE, checked to be for `expected` (None: the stage did not score it)."""
-    if results is None or str(nfe) not in results["nfes"]:
-        return None
-    rows = results["nfes"][str(nfe)]["settings"]
-    got = [Setting.from_json(r["setting"]) for r in rows]
-    if got != expected:
-        raise ValueError(f"{stage}.json scored {[s.label for s in got]} at NFE {nfe}, but the picks are "
-                         f"{[s.label for s in expected]}: rerun `python -m studies.defaults_study {stage}`")
-    return rows
+def _check_stage(rule: dict, stage: str, labels: Mapping[str, str]) -> None:
+    for nfe, label in labels.items():
+        expected = rule_setting(rule, int(nfe)).label
+        if label != expected:
+            raise ValueError(f"{stage}.json scored {label!r} at NFE {nfe}, but the rule gives {expected!r}: "
+                             f"rerun `python -m studies.defaults_study {stage}`")
 
 
 def build(results: Mapping[str, Mapping | None]) -> dict:
     """The defaults file's payload (JSON values) from the study's results."""
-    search = results["search"]
-    anchors = {int(n): Setting.from_json(rec["pick"]) for n, rec in search["anchors"].items()}
-    entries = {}
-    for nfe in range(1, defaults_study.MAX_NFE + 1):
-        cands = defaults_study.alternates(defaults_study.interpolated(anchors, nfe), nfe)
-        validate = _rows(results.get("validate"), "validate", nfe, cands)
-        trained = _rows(results.get("trained"), "trained", nfe, cands)
-        chosen, pick = published_setting(nfe), "fallback: published"
-        for k, setting in enumerate(cands):
-            ok_validate = validate is None or validate[k]["median"] <= 1.0
-            ok_trained = trained is None or trained[k]["worst"] <= 1.0
-            if ok_validate and ok_trained:
-                chosen = setting
-                pick = ("searched" if nfe in anchors else "interpolated") + (f" (alternate {k})" * (k > 0))
-                break
-        scores = {}
-        if nfe in anchors:
-            scores["search"] = {k: _round(v) for k, v in search["anchors"][str(nfe)]["scores"].items()}
-        for stage, rows in (("validate", validate), ("trained", trained)):
-            if rows is not None:
-                scores[stage] = [_scored(row) for row in rows]
-        if chosen.effective(nfe) == published_setting(nfe).effective(nfe):
-            chosen = published_setting(nfe)  # the same sampler: record it as the published setting
-        setting = chosen.to_json()
-        source = "published" if chosen == published_setting(nfe) else "tuned"
-        if source == "published":  # the loader uses published_setting(nfe) itself
-            setting["T"] = round(setting["T"], 10)
-        entries[str(nfe)] = {"setting": setting, "source": source, "stage": "search", "pick": pick,
-                             "scores": scores}
-    stages = {"search": {"results": "benchmarks/results/defaults_study/search.json",
-                         "command": "python -m studies.defaults_study search",
-                         "problems": (f"{len(search['problems'])} generated problems of the tune split "
-                                      f"(benchmarks/problems.py, seeds {search['seeds'][0]}.."
-                                      f"{search['seeds'][-1]} step 3), {search['draws']} prior draws each"),
-                         "scores": ("J = mean log ratio + LOSS_WEIGHT mean max(log ratio, 0), median and "
-                                    "worst ratio, losses (ratio > 1); ratio = RMSE / RMSE of the published "
-                                    "setting against the exact flow")}}
-    if results.get("validate") is not None:
-        v = results["validate"]
-        stages["validate"] = {"results": "benchmarks/results/defaults_study/validate.json",
-                              "command": "python -m studies.defaults_study validate",
-                              "problems": f"{len(v['problems'])} generated problems of the validate split, "
-                                          f"{v['draws']} prior draws each",
-                              "scores": "per setting scored (the pick, then its alternates): median and "
-                                        "worst ratio, losses"}
-    if results.get("trained") is not None:
-        stages["trained"] = {"results": "benchmarks/results/defaults_study/trained.json",
-                             "command": "python -m studies.defaults_study trained",
-                             "problems": list(results["trained"]["models"]),
-                             "scores": "per setting scored (the pick, then its alternates): ratio per "
-                                       "trained model against its own converged solution, worst"}
-    return {"format": FORMAT, "command": COMMAND, "about": ABOUT, "stages": stages, "entries": entries}
+    fit, moved = results["fit"], results.get("orders")
+    rule = fit["rule"]
+    if moved is not None:
+        if {k: v for k, v in moved["fit_rule"].items() if k != "order"} != {
+                k: v for k, v in rule.items() if k != "order"}:
+            raise ValueError("orders.json is for another fit: rerun "
+                             "`python -m studies.defaults_study orders`")
+        rule = {**rule, "order": moved["order"]}
+    provenance = {"fit": {"results": "benchmarks/results/defaults_study/fit.json",
+                          "command": "python -m studies.defaults_study search; python -m "
+                                     "studies.defaults_study "
+                                     "fit",
+                          "problems": f"{fit['problems']} generated problems of the tune split "
+                                      "(benchmarks/problems.py)",
+                          "models": fit["models"], "fit_nfes": fit["fit_nfes"],
+                          "loss_weight": fit["loss_weight"],
+                          "objective": "mean over the fit NFEs of J_exact + J_trained, J = mean log ratio + "
+                                       "loss_weight mean max(log ratio, 0), ratio = RMSE / RMSE of the "
+                                       "published setting", "J": _round(fit["J"])}}
+    if moved is not None:
+        provenance["orders"] = {"results": "benchmarks/results/defaults_study/orders.json",
+                                "command": "python -m studies.defaults_study orders",
+                                "choice_set": moved["choice_set"], "check_set": moved["check_set"],
+                                "fit_order": fit["rule"]["order"], "J": _round(moved["J"])}
+    scores: dict = {"fit": {n: {k: v for k, v in s.items() if k != "setting_scored"}
+                            for n, s in fit["scores"].items()}}
+    validate = results.get("validate")
+    if validate is not None:
+        _check_stage(rule, "validate", {n: r["setting"] for n, r in validate["nfes"].items()})
+        provenance["validate"] = {"results": "benchmarks/results/defaults_study/validate.json",
+                                  "command": "python -m studies.defaults_study validate",
+                                  "problems": f"{len(validate['problems'])} generated problems of the "
+                                              f"validate split, {validate['draws']} prior draws each",
+                                  "problems_with_rises": validate["problems_with_rises"]}
+        scores["validate"] = {n: {k: _round(r[k]) for k in ("median", "worst", "losses")}
+                              for n, r in validate["nfes"].items()}
+    trained = results.get("trained")
+    if trained is not None:
+        provenance["trained"] = {"results": "benchmarks/results/defaults_study/trained.json",
+                                 "command": "python -m studies.defaults_study trained",
+                                 "models": {m: r["role"] for m, r in trained["models"].items()},
+                                 "rises": {m: len(r["rises"]) for m, r in trained["models"].items()}}
+        scores["trained"] = {str(n): {m: _round(r["table"][str(n)]["rule"] / r["table"][str(n)]["published"])
+                                      for m, r in trained["models"].items()} for n in trained["nfes"]}
+    test = results.get("test")
+    if test is not None:
+        _check_stage(rule, "test", {n: r["setting"] for n, r in test["nfes"].items()})
+        provenance["test"] = {"results": "benchmarks/results/defaults_study/test.json",
+                              "command": "python -m studies.defaults_study test",
+                              "problems": f"{len(test['problems'])} generated problems of the test split, "
+                                          f"{test['draws']} prior draws each"}
+        scores["test"] = {n: {k: _round(r[k]) for k in ("median", "worst", "losses")}
+                          for n, r in test["nfes"].items()}
+    return {"format": FORMAT, "command": COMMAND, "about": ABOUT, "rule": rule, "provenance": provenance,
+            "scores": scores}
 
 
-def _scored(row: Mapping) -> dict:
-    out = {"setting": Setting.from_json(row["setting"]).label}
-    for key in ("median", "worst", "losses"):
-        if key in row:
-            out[key] = _round(row[key])
-    if "ratios" in row and "median" not in row:  # trained: a few named models
-        out["ratios"] = {k: _round(v) for k, v in row["ratios"].items()}
-    return out
-
-
-def _round(x: float) -> float:
-    return round(float(x), DIGITS)
+def _round(x: float) -> float | int:
+    return x if isinstance(x, int) else float(f"{x:.{DIGITS}g}")
 
 
 def dumps(payload: object) -> str:

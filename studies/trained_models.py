@@ -1,42 +1,43 @@
-"""Trained-model check of sampler settings: three trained networks, converged targets, RMSE ratios.
+"""Trained models for the defaults study: seven small networks, their converged targets, RMSEs.
 
     python -m studies.trained_models --train-only                   # train + references (cached)
     python -m studies.trained_models --settings psb_fast/defaults.json --out DIR
     python -m studies.trained_models --settings FILE.json --nfes 5 10 20
 
-Run from the repository root (studies/ is a plain folder, not installed). The rule it checks: on
-TRAINED models a candidate default must never be worse than the published setting
-(`psb_fast.settings.published_setting(nfe)`) at any NFE 3..50.
+Run from the repository root (studies/ is a plain folder, not installed). Every model is trained
+with `psb_fast.train.train_or_resume` on one torch thread with a small budget (a few CPU minutes
+each), resumable, run folders under <cache>/<name>/run (default <cache> =
+benchmarks/results/trained_models/cache, git-ignored). `MODELS` (name: kind, data, network):
 
-Models (`MODELS`; trained once with `psb_fast.train.train_or_resume`, resumable, run folders under
-<cache>/<name>/run, default <cache> = benchmarks/results/trained_models/cache, git-ignored):
-- "toy": the demo's ResMLP (hidden 128, depth 3) on the 3x3 Gaussian grid, `psb_fast.demo.demo_config`
-  with its DEMO_STEPS (3500) steps.
-- "digits": the compact UNet (base 32, mults (1, 2)) on scikit-learn's 8x8 digits,
-  `studies.digits_study.config`, DIGITS_STEPS (1500) steps.
-- "bars-mlp": a wider, deeper ResMLP (hidden 256, depth 4: 4 blocks instead of 3, twice the width) on
-  64-D flattened 8x8 soft-bar images (`bar_images`, 20000 images drawn with
-  seed 1, not the tuning set's seed 0), 3000 steps, batch 512, lr 2e-3, EMA 0.995, seed 1.
-All runs use one torch thread.
+- "rings-mlp", "checkerboard-mlp", "spiral-mlp": 2-D toy sets of psb_fast.data (ResMLP, hidden
+  128, depth 3, TOY_STEPS steps).
+- "gmm16-mlp", "gmm48-mlp": 16-D / 48-D Gaussian mixtures (`psb_fast.oracles.mixture_random`,
+  12 / 10 modes) sampled into a tensor file (ResMLP, hidden 256, depth 3, GMM_STEPS[name] steps). Their
+  exact drift is known, so their error splits into the network's part and the sampler's part
+  (`exact_target`).
+- "bars-mlp": 64-D flattened 8x8 soft-bar images (`bar_images`; ResMLP, hidden 256, depth 4).
+- "digits-folder": a folder of 8x8 grayscale PNGs written from scikit-learn's digits, read with
+  the `images:DIR` data spec (compact UNet, base 16, mults (1, 2)).
 
-Targets (`reference`): per model, fixed prior draws (B = 1000 for the 2-D toy, 256 for the
-image models, seed PRIOR_SEED) and the model's own solution from them with REFERENCE = order 3,
-q = 2, T = 0.999, hop, variant "multistep-corrector", at NFE 1600 (`REFERENCE_NFES[-1]`). Its
-convergence is measured, not assumed: RMSE of NFE 400 and 800 (same method) vs NFE 1600, RMSE of
-an independent method (plain multistep order 3 at NFE 1600) vs the target, and for information
-the RMSE of the former NFE-200 target (plain multistep, order 3, q = 2) and of the package's
-current `psb_fast.tuning.REFERENCE_SETTING` at NFE 200 vs the target (`reference_checks`). (NFE
-800 is not enough everywhere: on the toy model NFE 200 / 400 / 800 differ from NFE 1600 by
-2.6e-3 / 2.7e-4 / 2.3e-6, for both methods alike: the error collapses once the steps near T are
-small enough, so NFE 400 vs 800 alone, 2.7e-4, would not prove convergence.) Stored with
-the target in <cache>/<name>/reference_*.pt (torch.save).
+`FIT_MODELS` enter the defaults study's objective; `HELD_OUT_MODELS` are only scored after the
+rule is fixed (studies/defaults_study.py).
+
+Targets (`reference`): per model, fixed prior draws (B = BATCH[name], seed PRIOR_SEED) and the
+model's own solution from them with REFERENCE = order 3, q = 2, T = 0.999, hop, variant
+"multistep-corrector", at NFE 1600 (`REFERENCE_NFES[-1]`). Its convergence is measured: RMSE of
+NFE 800 (same method) vs NFE 1600 and of an independent method (plain multistep order 3 at NFE
+1600) vs the target (`reference_checks`). Where the exact drift exists, `exact_target` is the
+exact flow's endpoint E[x1 | m(0.999)] (DOP853) from the same draws.
 
 Scores: pathwise RMSE of a setting's hop output against the target (`psb_fast.tuning.settings_rmse`,
 float64 state, MAX_ROWS rows per model call), cached per model in <cache>/<name>/errors.json keyed
-by the model/target key, the NFE and the setting's JSON (`Setting.to_json`), so reruns are free.
+by the model/target key, the NFE and the setting's JSON (`Setting.to_json`), so reruns are free;
+`draw_errors` gives per-draw squared errors (for sampling-noise estimates) against the target and,
+where it exists, the exact endpoint.
 
 API:
 - `candidate_errors(model_name, nfe, settings, cache=DEFAULT_CACHE) -> tensor [C] float64`
+- `draw_errors(model_name, nfe, settings, cache=DEFAULT_CACHE) -> {"target": [C, B], "exact": [C, B] | None}`
 - `evaluate(settings_by_nfe, nfes=range(3, 51), models=MODELS, cache=DEFAULT_CACHE) -> dict`
 - `load_settings(path) -> {nfe: Setting}` (a defaults file, a psb_fast.tune file, or {"nfe": setting})
 - `model(name, cache=DEFAULT_CACHE) -> TrainedModel` (trains / builds the target when missing)
@@ -55,39 +56,51 @@ import platform
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from psb_fast import tuning
 from psb_fast.config import TrainConfig
-from psb_fast.demo import DEMO_STEPS, demo_config
+from psb_fast.oracles import GaussianMixture, mixture_random, ode_solution
 from psb_fast.pretrained import load_trained
 from psb_fast.settings import T_END, Setting, published_setting
 from psb_fast.train import CHECKPOINT, train_or_resume
-from psb_fast.tuning import rmse, run_settings, settings_rmse
-from studies import digits_study
+from psb_fast.tuning import rmse, run_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "trained_models"
 DEFAULT_CACHE = DEFAULT_OUT / "cache"
-MODELS = ("toy", "digits", "bars-mlp")
+#: name -> (kind, data description, role in the defaults study).
+MODELS: dict[str, tuple[str, str, str]] = {
+    "rings-mlp": ("2-D toy set", "rings", "fit"),
+    "checkerboard-mlp": ("2-D toy set", "checkerboard", "fit"),
+    "gmm16-mlp": ("mixture, exact drift", "16-D, 12 modes", "fit"),
+    "bars-mlp": ("64-D images as vectors", "8x8 soft bars", "fit"),
+    "spiral-mlp": ("2-D toy set", "spiral", "held out"),
+    "gmm48-mlp": ("mixture, exact drift", "48-D, 10 modes", "held out"),
+    "digits-folder": ("image folder, UNet", "8x8 digits PNGs", "held out"),
+}
+FIT_MODELS = tuple(n for n, (_, _, role) in MODELS.items() if role == "fit")
+HELD_OUT_MODELS = tuple(n for n, (_, _, role) in MODELS.items() if role == "held out")
 NFES = tuple(range(3, 51))
-BATCH = {"toy": 1000, "digits": 256, "bars-mlp": 256}
+BATCH = {"rings-mlp": 512, "checkerboard-mlp": 512, "spiral-mlp": 512, "gmm16-mlp": 256,
+         "gmm48-mlp": 256, "bars-mlp": 256, "digits-folder": 256}
 PRIOR_SEED = 7
 T0 = 1e-5
 MAX_ROWS = 16384
-DIGITS_STEPS = 1500
-BARS_STEPS, BARS_N, BARS_SEED = 3000, 20000, 1
+TOY_STEPS, BARS_STEPS, DIGITS_STEPS = 2000, 2000, 500
+#: Training steps of the mixture models.
+GMM_STEPS = {"gmm16-mlp": 2500, "gmm48-mlp": 1500}
+BARS_N, BARS_SEED, GMM_N = 20000, 1, 20000
+#: The exact mixtures of the "gmm" models: (dim, modes, seed, std range) for mixture_random.
+MIXTURES = {"gmm16-mlp": (16, 12, 16, (0.1, 0.3)), "gmm48-mlp": (48, 10, 48, (0.05, 0.2))}
 #: The target's method and resolutions (the last is the target; the others prove convergence).
 REFERENCE = Setting(T_END, 2.0, 3, None, "multistep-corrector")
-REFERENCE_NFES = (400, 800, 1600)
+REFERENCE_NFES = (800, 1600)
 #: An independent method at the target's NFE (agreement with the target is a second check).
 CROSS_CHECK = Setting(T_END, 2.0, 3)
-#: The NFE-200 target the earlier studies used (order 3, q = 2, T = 0.999, hop, plain multistep).
-FORMER_TARGET = Setting(T_END, 2.0, 3)
 
 
 # ----------------------------------------------------------------------------- models
@@ -115,30 +128,61 @@ def bar_images(n: int, seed: int = 0) -> torch.Tensor:
     return (2 * intensity - 1).reshape(n, 64).float()
 
 
-def _bars_data(folder: Path) -> str:
-    path = folder / f"bars8x8_n{BARS_N}_s{BARS_SEED}.npy"
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        np.save(path, bar_images(BARS_N, seed=BARS_SEED).numpy())
-    return f"tensor:{path}"
+def exact_mixture(name: str) -> GaussianMixture | None:
+    """The data distribution of a model when it is an exact Gaussian mixture, else None."""
+    if name not in MIXTURES:
+        return None
+    dim, k, seed, stds = MIXTURES[name]
+    return mixture_random(dim, k, seed, stds)
+
+
+def _data(name: str, folder: Path) -> str:
+    """The data spec of a model, writing its data file / folder on first use."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if name.endswith("-mlp") and name.split("-")[0] in ("rings", "checkerboard", "spiral"):
+        return name.split("-")[0]
+    if name in MIXTURES:
+        path = folder / f"{name}_n{GMM_N}.npy"
+        if not path.is_file():
+            gen = torch.Generator().manual_seed(MIXTURES[name][2] + 1000)
+            np.save(path, exact_mixture(name).sample(GMM_N, gen).float().numpy())
+        return f"tensor:{path}"
+    if name == "bars-mlp":
+        path = folder / f"bars8x8_n{BARS_N}_s{BARS_SEED}.npy"
+        if not path.is_file():
+            np.save(path, bar_images(BARS_N, seed=BARS_SEED).numpy())
+        return f"tensor:{path}"
+    if name == "digits-folder":
+        images = folder / "images"
+        if not images.is_dir():
+            from PIL import Image
+            from sklearn.datasets import load_digits
+
+            tmp = folder / "images.partial"
+            tmp.mkdir(exist_ok=True)
+            for i, image in enumerate(load_digits().images):
+                pixels = (image / 16.0 * 255.0).round().astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(tmp / f"{i:05d}.png")
+            tmp.rename(images)
+        return f"images:{images}"
+    raise ValueError(f"model name must be one of {list(MODELS)}, got {name!r}")
 
 
 def train_config(name: str, cache: Path = DEFAULT_CACHE) -> TrainConfig:
     """The training run of a model (module docstring), out_dir <cache>/<name>/run, one thread."""
-    run = cache / name / "run"
-    if name == "toy":
-        cfg = demo_config(run, DEMO_STEPS)
-    elif name == "digits":
-        cfg = replace(digits_study.config(cache / name, DIGITS_STEPS), out_dir=str(run))
-    elif name == "bars-mlp":
-        cfg = TrainConfig(data=_bars_data(cache / name), model="mlp",
-                          model_kwargs={"hidden": 256, "depth": 4}, batch_size=512, steps=BARS_STEPS,
-                          lr=2e-3, warmup_steps=200, ema_decay=0.995, ckpt_every=500, log_every=100,
-                          eval_every=0, eval_samples=0, device="cpu",
-                          bf16=False, seed=1, out_dir=str(run))
-    else:
-        raise ValueError(f"model name must be one of {MODELS}, got {name!r}")
-    return replace(cfg, threads=1)
+    data, run = _data(name, cache / name), str(cache / name / "run")
+    common = dict(device="cpu", bf16=False, eval_every=0, eval_samples=0, log_every=100, out_dir=run,
+                  threads=1, warmup_steps=200, ema_decay=0.995, seed=1)
+    if name == "digits-folder":
+        return TrainConfig(data=data, model="unet", model_kwargs={"base": 16, "mults": [1, 2]},
+                           batch_size=64, steps=DIGITS_STEPS, lr=2e-3, ckpt_every=200, **common)
+    if name in MIXTURES or name == "bars-mlp":
+        hidden, depth = 256, (4 if name == "bars-mlp" else 3)
+        steps = BARS_STEPS if name == "bars-mlp" else GMM_STEPS[name]
+        return TrainConfig(data=data, model="mlp", model_kwargs={"hidden": hidden, "depth": depth},
+                           batch_size=512, steps=steps, lr=2e-3, ckpt_every=500, **common)
+    return TrainConfig(data=data, model="mlp", model_kwargs={"hidden": 128, "depth": 3}, batch_size=512,
+                       steps=TOY_STEPS, lr=2e-3, ckpt_every=500, **common)
 
 
 def ensure_trained(name: str, cache: Path = DEFAULT_CACHE, progress: bool = True) -> dict:
@@ -167,30 +211,34 @@ def ensure_trained(name: str, cache: Path = DEFAULT_CACHE, progress: bool = True
 def describe(name: str, net: torch.nn.Module, cfg: TrainConfig) -> str:
     params = sum(p.numel() for p in net.parameters())
     kwargs = ", ".join(f"{k}={v}" for k, v in cfg.model_kwargs.items())
-    data = "bars8x8 (64-D, tensor file)" if name == "bars-mlp" else cfg.data
-    return (f"{type(net).__name__}({kwargs}), {params} parameters, data {data}, {cfg.steps} steps, "
+    kind, data, _ = MODELS[name]
+    return (f"{type(net).__name__}({kwargs}), {params} parameters, data {data} ({kind}), {cfg.steps} steps, "
             f"batch {cfg.batch_size}, lr {cfg.lr}, EMA {cfg.ema_decay}")
 
 
 @dataclass
 class TrainedModel:
-    """A trained model with its fixed prior batch m0, converged target and its checks."""
+    """A trained model with its fixed prior batch m0, converged target and its checks; `exact`:
+    the exact flow's endpoint from m0 where the data is an exact mixture, else None."""
 
     name: str
     net: torch.nn.Module
     bridge: object
     m0: torch.Tensor
     target: torch.Tensor
+    exact: torch.Tensor | None
     key: str
     convergence: dict
     training: dict
     architecture: str
     errors_path: Path
 
-    def score(self, nfe: int, settings: Sequence[Setting]) -> torch.Tensor:
+    def outputs(self, nfe: int, settings: Sequence[Setting]) -> torch.Tensor:
         with torch.no_grad():
-            return settings_rmse(self.net, self.bridge, self.m0, self.target, nfe, list(settings), T0,
-                                 MAX_ROWS)
+            return run_settings(self.net, self.bridge, self.m0, nfe, list(settings), T0, MAX_ROWS)
+
+    def score(self, nfe: int, settings: Sequence[Setting]) -> torch.Tensor:
+        return rmse(self.outputs(nfe, settings), self.target)
 
 
 _LOADED: dict[tuple[str, str], TrainedModel] = {}
@@ -198,6 +246,8 @@ _LOADED: dict[tuple[str, str], TrainedModel] = {}
 
 def model(name: str, cache: Path = DEFAULT_CACHE, progress: bool = True) -> TrainedModel:
     """The trained model `name` with its target (trained and built when missing; loaded once)."""
+    if name not in MODELS:
+        raise ValueError(f"model name must be one of {list(MODELS)}, got {name!r}")
     cache = Path(cache)
     key = (name, str(cache.resolve()))
     if key not in _LOADED:
@@ -209,25 +259,34 @@ def model(name: str, cache: Path = DEFAULT_CACHE, progress: bool = True) -> Trai
         ref = reference(name, trained, m0, cache, progress)
         model_key = (f"{name}:step{trained.step}:B{B}:s{PRIOR_SEED}:ref{REFERENCE.label}"
                      f"@{REFERENCE_NFES[-1]}:t0{T0}")
-        _LOADED[key] = TrainedModel(name, trained.model, trained.bridge, m0, ref["target"], model_key,
+        exact = exact_target(name, trained, m0, cache)
+        _LOADED[key] = TrainedModel(name, trained.model, trained.bridge, m0, ref["target"], exact, model_key,
                                     ref["convergence"], training, describe(name, trained.model, cfg),
                                     cache / name / "errors.json")
     return _LOADED[key]
 
 
+def exact_target(name: str, trained, m0: torch.Tensor, cache: Path) -> torch.Tensor | None:
+    """E[x1 | m(T_END)] of the exact flow from m0 (DOP853, rtol = atol = 1e-9) for the exact
+    mixtures, float64 [B, D], cached in <cache>/<name>/exact_*.pt; None for the other models."""
+    mixture = exact_mixture(name)
+    if mixture is None:
+        return None
+    path = cache / name / f"exact_B{len(m0)}_s{PRIOR_SEED}.pt"
+    if path.is_file():
+        return torch.load(path)
+    m_end = ode_solution(mixture, trained.bridge, m0.double(), T0, T_END, rtol=1e-9, atol=1e-9)
+    target = mixture.posterior_mean(trained.bridge, m_end, T_END)
+    torch.save(target, path)
+    return target
+
+
 def reference_checks() -> dict[str, tuple[Setting, int]]:
-    """The solutions compared with the target: name -> (setting, NFE). The target's method at the
-    coarser REFERENCE_NFES, CROSS_CHECK at the target's NFE, and for information FORMER_TARGET (the
-    NFE-200 target psb_fast.tuning.reference_solution used to return) and the package's current
-    `psb_fast.tuning.REFERENCE_SETTING` at NFE 200 (when the package defines it)."""
+    """The solutions compared with the target: name -> (setting, NFE): the target's method at the
+    coarser REFERENCE_NFES and CROSS_CHECK at the target's NFE."""
     fine = REFERENCE_NFES[-1]
     checks = {f"rmse_nfe{n}_vs_nfe{fine}": (REFERENCE, n) for n in REFERENCE_NFES[:-1]}
     checks[f"rmse_cross_{CROSS_CHECK.variant}_order{CROSS_CHECK.order}_nfe{fine}"] = (CROSS_CHECK, fine)
-    checks["rmse_former_target_multistep_order3_q2_nfe200"] = (FORMER_TARGET, 200)
-    package = getattr(tuning, "REFERENCE_SETTING", None)
-    if isinstance(package, Setting):
-        label = f"{package.variant}_order{package.order}_q{package.q:g}_T{package.T:g}"
-        checks[f"rmse_package_reference_{label}_nfe200"] = (package, 200)
     return checks
 
 
@@ -252,7 +311,7 @@ def reference(name: str, trained, m0: torch.Tensor, cache: Path, progress: bool 
             "B": len(m0), "prior_seed": PRIOR_SEED, "t0": T0,
             "target_rms": float(target.pow(2).mean().sqrt()), "seconds": {str(fine): seconds}}}
     conv, target = result["convergence"], result["target"]
-    changed = conv.pop("rmse_old_reference_nfe200_vs_target", None) is not None  # ambiguous: dropped
+    changed = False
     for key, (setting, nfe) in reference_checks().items():
         if key in conv:
             continue
@@ -312,8 +371,43 @@ def candidate_errors(
     return torch.tensor([known[k] for k in keys], dtype=torch.float64)
 
 
+def _per_draw(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error per setting and draw, mean over coordinates: [C, B] float64."""
+    diff = outputs.to(torch.float64) - target.to(torch.float64).unsqueeze(0)
+    return diff.reshape(diff.shape[0], diff.shape[1], -1).pow(2).mean(2)
+
+
+def draw_errors(
+    model_name: str, nfe: int, settings: Iterable, cache: Path = DEFAULT_CACHE, progress: bool = False,
+) -> dict[str, torch.Tensor | None]:
+    """Per-draw squared errors (mean over coordinates) of `settings` at this NFE: {"target": [C, B]
+    against the model's converged solution, "exact": [C, B] against the exact flow's endpoint, or
+    None where there is no exact drift}; float64, cached in <cache>/<model_name>/draws.pt (the
+    square root of a row's mean is `candidate_errors`'s RMSE)."""
+    settings = [Setting.coerce(s) for s in settings]
+    tm = model(model_name, Path(cache), progress)
+    path = tm.errors_path.with_name("draws.pt")
+    store = torch.load(path) if path.is_file() else {}
+    known = store.setdefault(tm.key, {})
+    keys = [_setting_key(nfe, s) for s in settings]
+    missing = list(dict.fromkeys(k for k in keys if k not in known))
+    if missing:
+        chosen = {k: s for k, s in zip(keys, settings, strict=True) if k in missing}
+        out = tm.outputs(nfe, [chosen[k] for k in missing])
+        to_target = _per_draw(out, tm.target)
+        to_exact = _per_draw(out, tm.exact) if tm.exact is not None else None
+        for i, k in enumerate(missing):
+            known[k] = (to_target[i].clone(), None if to_exact is None else to_exact[i].clone())
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(store, tmp)
+        os.replace(tmp, path)
+    target = torch.stack([known[k][0] for k in keys])
+    exact = None if tm.exact is None else torch.stack([known[k][1] for k in keys])
+    return {"target": target, "exact": exact}
+
+
 def evaluate(
-    settings_by_nfe: Mapping[int, object], nfes: Iterable[int] = NFES, models: Sequence[str] = MODELS,
+    settings_by_nfe: Mapping[int, object], nfes: Iterable[int] = NFES, models: Sequence[str] = tuple(MODELS),
     cache: Path = DEFAULT_CACHE, progress: bool = True,
 ) -> dict:
     """Per model and NFE (those of `nfes` that settings_by_nfe holds): the setting's RMSE, the
@@ -398,18 +492,16 @@ def markdown(report: dict) -> str:
         f"multistep-corrector, NFE {REFERENCE_NFES[-1]}) from the same prior draws.",
         "**bold** = ratio > 1 (worse than published); `=` the setting is the published one.", "",
         f"| model | architecture | training | B | reference NFE {REFERENCE_NFES[-2]} vs {REFERENCE_NFES[-1]} "
-        "| cross-check "
-        "| former NFE-200 target |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| cross-check |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for name in names:
         m = models[name]
         c = m["reference"]
         cross = next(v for k, v in c.items() if k.startswith("rmse_cross"))
         gap = c[f"rmse_nfe{REFERENCE_NFES[-2]}_vs_nfe{REFERENCE_NFES[-1]}"]
-        former = c["rmse_former_target_multistep_order3_q2_nfe200"]
         lines.append(f"| {name} | {m['architecture']} | {m['training'].get('seconds', 0) / 60:.1f} min | "
-                     f"{c['B']} | {gap:.1e} | {cross:.1e} | {former:.1e} |")
+                     f"{c['B']} | {gap:.1e} | {cross:.1e} |")
     lines += ["", "| model | worst ratio of a non-published setting (NFE) | NFEs with ratio > 1 "
               "| smallest NFE-"
               f"{max(report['result']['nfes'])} RMSE / reference gap |", "|---|---:|---|---:|"]
@@ -435,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--settings", type=Path, help="JSON: a defaults file, a tune file or {nfe: setting}")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for trained_check.json/.md")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="run folders, targets, score caches")
-    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--nfes", type=int, nargs="*", default=list(NFES))
     ap.add_argument("--train-only", action="store_true", help="train and build the targets, then stop")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

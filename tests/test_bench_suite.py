@@ -50,6 +50,7 @@ def tiny_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(suite.COPY_BYTES, "cpu", 1 << 20)
 
 
+@pytest.mark.slow
 def test_kernel_part_results_json(tmp_path, tiny_kernels, capsys) -> None:
     results = suite.run_suite(tmp_path, quick=True, parts=("kernels",), progress=False, device="cpu")
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -61,7 +62,7 @@ def test_kernel_part_results_json(tmp_path, tiny_kernels, capsys) -> None:
     assert numbers_without_unit(saved) == []
     rows = saved["parts"]["kernels"]["results"]["rows"]
     assert {(r["op"], r["impl"]) for r in rows} == {
-        (op, impl) for op in suite.KERNEL_OPS for impl in ("reference (eager)", "ours (cpu)")}
+        (op, impl) for op in suite.KERNEL_OPS for impl in ("float64 (eager)", "ours (cpu)")}
     assert sorted({r["elements"]["value"] for r in rows}) == [1000, 2000]
     bridge = [r for r in rows if r["op"] == "bridge_sample" and r["elements"]["value"] == 1000]
     for r in bridge:  # read x1, write x_t, v_t, label: 16 B per float32 element
@@ -103,6 +104,7 @@ def test_run_suite_rejects_unknown_part(tmp_path) -> None:
         suite.run_suite(tmp_path, parts=("kernels", "nope"))
 
 
+@pytest.mark.slow
 def test_sampler_and_training_rows(monkeypatch) -> None:
     monkeypatch.setitem(bench_throughput.SAMPLER_SETTINGS, "quick", {"mlp-2d": ((8,), (2,))})
     monkeypatch.setitem(bench_throughput.TRAIN_SETTINGS, "quick", {"toy": ("gmm-grid", "mlp", 16, 2)})
@@ -112,7 +114,7 @@ def test_sampler_and_training_rows(monkeypatch) -> None:
         assert r["throughput"]["unit"] == "samples/s"
         assert r["throughput"]["value"] == pytest.approx(8 / r["median"]["value"])
     train_rows = bench_throughput.training_throughput("cpu", quick=True)
-    assert [r["backend"] for r in train_rows] == ["cpu", "reference"]
+    assert [r["backend"] for r in train_rows] == ["cpu", "float64"]
     for r in train_rows:
         assert r["steps_per_s"]["unit"] == "steps/s" and r["steps_per_s"]["value"] > 0
         assert r["samples_per_s"]["value"] == pytest.approx(16 * r["steps_per_s"]["value"])

@@ -300,6 +300,7 @@ def test_extreme_parameters_lvv_at_t0() -> None:
     log10_tau=st.floats(-7.0, 0.0),
     mode=st.sampled_from(["probODE", "SDE"]),
 )
+@pytest.mark.slow
 def test_random_parameters_accurate_and_consistent(p, k, varx, varv, log10_tau, mode) -> None:
     """Random parameters (the span of PARAMS) and tau in [1e-7, 1]: Lvv > 0, Lvv/ell/AA/N to 1e-9
     vs 50 digits, and Lvv^2 Sxx = Sxx Svv - Sxv^2 (tau >= 1e-2, where the right side is resolvable)."""

@@ -304,3 +304,17 @@ def test_triton_on_cpu_without_interpreter(bridge, monkeypatch, no_kernels):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         bridge_sample(bridge, GOOD_X1, GOOD_T, seed=0, backend="triton")
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "float64"])
+def test_autograd_x1_is_refused(backend):
+    """x1 requiring grad: bridge_sample is not differentiable; one ValueError naming x1 on every
+    backend (and the call works under torch.no_grad)."""
+    bridge = PhaseBridge()
+    x1 = torch.randn(4, 3, requires_grad=True)
+    t = torch.full((4,), 0.3)
+    with pytest.raises(ValueError, match="x1 requires grad"):
+        bridge_sample(bridge, x1, t, seed=0, backend=backend)
+    with torch.no_grad():
+        m_t, label = bridge_sample(bridge, x1, t, seed=0, backend=backend)
+    assert m_t.shape == (4, 6) and not m_t.requires_grad

@@ -69,6 +69,10 @@ def _expect_one_line_error(argv: list[str], capsys, *messages: str) -> str:
         (["sample", "RUN", "--stroke", "EMPTY"], ["--stroke", "empty.npy", "readable"]),
         (["sample", "RUN", "--stroke", "WORDS"], ["--stroke", "words.npy", "numeric"]),
         (["sample", "RUN", "--tuned", "MISSING"], ["--tuned", "missing.json"]),
+        (["tune", "RUN", "--nfe", "5", "20000"], ["--nfe", "[1, 10000]", "20000"]),
+        (["tune", "RUN", "--reference-nfe", "0"], ["--reference-nfe", "got 0"]),
+        (["sample", "RUN", "--nfe", "10001"], ["--nfe", "[1, 10000]", "10001"]),
+        (["sample", "RUN", "--threads", "-1"], ["--threads", "got -1"]),
     ],
 )
 def test_bad_sample_and_tune_options_exit_2_naming_the_option(run_dir, files, capsys, argv, messages):
@@ -126,3 +130,49 @@ def test_train_on_an_empty_npy_exits_2_naming_the_file(tmp_path, capsys):
     argv = ["train", "--set", f"data=tensor:{tmp_path / 'x.npy'}", "--set", f"out_dir={tmp_path / 'out'}",
             *TINY]
     _expect_one_line_error(argv, capsys, "x.npy", "empty")
+
+
+def _tampered_checkpoint(run_dir, tmp_path, change) -> str:
+    """A copy of run_dir's checkpoint.pt with `change(state)` applied (saved in the checkpoint format)."""
+    from psb_fast.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    change(state)
+    save_checkpoint(tmp_path / "bad" / "checkpoint.pt", {"format": "psb_fast.checkpoint/1", **state})
+    return str(tmp_path / "bad")
+
+
+def _reshape_first(weights: dict) -> None:
+    key = next(k for k, v in weights.items() if isinstance(v, torch.Tensor) and v.dim() == 2)
+    weights[key] = torch.zeros(weights[key].shape[0] + 1, weights[key].shape[1])
+
+
+@pytest.mark.parametrize(("change", "messages"), [
+    (lambda s: _reshape_first(s["ema"]), ["entry 'ema'", "must have shape"]),
+    (lambda s: s.update(ema={k.removeprefix("module."): v for k, v in s["ema"].items()}),
+     ["entry 'ema'", "missing ['module."]),
+    (lambda s: s.update(ema=[1, 2]), ["entry 'ema' must be a dict", "list"]),
+    (lambda s: s.update(x_shape=[3]), ["entry 'ema'", "must have shape"]),
+    (lambda s: s.update(x_shape="2"), ["entry 'x_shape'", "'2'"]),
+    (lambda s: s.update(x_shape=[0]), ["entry 'x_shape'", "[0]"]),
+    (lambda s: s.update(num_classes=-1), ["entry 'num_classes'", "-1"]),
+    (lambda s: s["ema"].update({k: torch.full_like(v, float("nan")) for k, v in s["ema"].items()
+                                if v.is_floating_point()}), ["non-finite"]),
+    (lambda s: s.update(config=[1]), ["entry 'config'"]),
+    (lambda s: s.pop("ema"), ["no 'ema' entry"]),
+])
+def test_sample_and_tune_refuse_a_checkpoint_whose_weights_do_not_fit_its_config(
+        run_dir, tmp_path, capsys, change, messages):
+    bad = _tampered_checkpoint(run_dir, tmp_path, change)
+    for command in ("sample", "tune"):
+        argv = [command, bad, "--nfe", "3", "-n", "4", "--out", str(tmp_path / f"o-{command}")]
+        _expect_one_line_error(argv, capsys, "checkpoint.pt", *messages)
+    assert not (tmp_path / "o-sample").exists() and not (tmp_path / "o-tune").exists()
+
+
+@pytest.mark.parametrize("content", [torch.randn(8, 2).to_sparse(), torch.empty(8, 2, device="meta")])
+def test_train_on_a_sparse_or_meta_pt_file_exits_2_naming_the_file(tmp_path, capsys, content):
+    torch.save(content, tmp_path / "x.pt")
+    argv = ["train", "--set", f"data=tensor:{tmp_path / 'x.pt'}", "--set", f"out_dir={tmp_path / 'out'}",
+            *TINY]
+    _expect_one_line_error(argv, capsys, "x.pt", "dense tensor")

@@ -147,6 +147,37 @@ def test_cifar10(tmp_path):
     assert load_data(f"cifar10:{tmp_path}", split="test").size == 4
 
 
+def test_cifar10_accepts_the_batches_folder_or_its_parent(tmp_path):
+    folder = _write_cifar(tmp_path / "parent")
+    by_folder = load_data(f"cifar10:{folder}", split="test").all()
+    by_parent = load_data(f"cifar10:{folder.parent}", split="test").all()
+    assert torch.equal(by_folder[0], by_parent[0]) and torch.equal(by_folder[1], by_parent[1])
+    assert load_data(f"cifar10:{folder}").size == 20
+    renamed = folder.rename(tmp_path / "my-cifar")  # the batches in a folder of any name
+    assert load_data(f"cifar10:{renamed}", split="test").size == 4
+
+
+def test_cifar10_error_names_every_path_tried(tmp_path):
+    with pytest.raises(ValueError) as info:
+        load_data(f"cifar10:{tmp_path}", split="test")
+    message = str(info.value)
+    assert repr(str(tmp_path / "test_batch")) in message
+    assert repr(str(tmp_path / "cifar-10-batches-py" / "test_batch")) in message
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda: torch.randn(4, 2).to_sparse(), "sparse_coo"),
+    (lambda: torch.empty(4, 2, device="meta"), "meta"),
+    (lambda: {"x": torch.randn(4, 2), "y": torch.tensor([0, 1, 0, 1]).to_sparse()}, "sparse_coo"),
+])
+def test_pt_file_with_a_sparse_or_meta_tensor_is_refused(tmp_path, make, kind):
+    path = tmp_path / "data.pt"
+    torch.save(make(), path)
+    with pytest.raises(TypeError, match=f"dense tensor.*got a {kind} tensor") as info:
+        load_data(f"tensor:{path}")
+    assert str(path) in str(info.value)
+
+
 def test_bad_specs(tmp_path):
     with pytest.raises(ValueError, match="spec must be one of"):
         load_data("mnist")

@@ -66,13 +66,41 @@ def test_cifar_pickles_of_every_protocol_still_load(tmp_path, protocol):
     assert y.tolist() == list(np.asarray(batch[b"labels"]))
 
 
+NUMPY1_CORE, NUMPY2_CORE = b"numpy.core.multiarray", b"numpy._core.multiarray"
+
+
+def _cifar_pickle_naming(tmp_path, core: bytes) -> dict:
+    """A protocol-2 CIFAR pickle whose array rebuilder is `core`._reconstruct, whichever numpy runs.
+
+    numpy 1 pickles arrays as numpy.core.multiarray._reconstruct, numpy 2 as
+    numpy._core.multiarray._reconstruct (protocol 2 writes the global as the text "MODULE\nNAME\n"):
+    the path the running numpy wrote is found and replaced by `core`. Returns the batch written.
+    """
+    batch = _batch(2)
+    folder = _cifar_folder(tmp_path, {"test_batch": batch}, protocol=2)
+    raw = (folder / "test_batch").read_bytes()
+    written = [path for path in (NUMPY1_CORE, NUMPY2_CORE) if path + b"\n_reconstruct\n" in raw]
+    assert len(written) == 1, raw  # exactly one of the two paths, the running numpy's
+    raw = raw.replace(written[0] + b"\n", core + b"\n")
+    assert core + b"\n_reconstruct\n" in raw and raw.count(b"multiarray") == 1, raw
+    (folder / "test_batch").write_bytes(raw)
+    return batch
+
+
 def test_cifar_pickle_with_numpy1_module_paths_loads(tmp_path):
     """The published files (Python 2, numpy 1) name numpy.core.multiarray._reconstruct."""
-    folder = _cifar_folder(tmp_path, {"test_batch": _batch(2)}, protocol=2)
-    raw = (folder / "test_batch").read_bytes()
-    assert b"numpy._core.multiarray" in raw
-    (folder / "test_batch").write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
-    assert load_data(f"cifar10:{tmp_path}", split="test").size == 2
+    batch = _cifar_pickle_naming(tmp_path, NUMPY1_CORE)
+    x, y = load_data(f"cifar10:{tmp_path}", split="test").all()
+    assert torch.equal(x, torch.from_numpy(batch[b"data"]).view(2, 3, 32, 32).float() / 127.5 - 1)
+    assert y.tolist() == batch[b"labels"]
+
+
+def test_cifar_pickle_with_numpy2_module_paths_loads(tmp_path):
+    """A batch re-pickled under numpy 2 names numpy._core.multiarray._reconstruct (loads on numpy 1 too)."""
+    batch = _cifar_pickle_naming(tmp_path, NUMPY2_CORE)
+    x, y = load_data(f"cifar10:{tmp_path}", split="test").all()
+    assert torch.equal(x, torch.from_numpy(batch[b"data"]).view(2, 3, 32, 32).float() / 127.5 - 1)
+    assert y.tolist() == batch[b"labels"]
 
 
 @pytest.mark.parametrize(

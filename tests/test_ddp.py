@@ -60,6 +60,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="forks the two ranks (Linux)")
+@pytest.mark.slow
 def test_two_gloo_ranks(tmp_path):
     ctx = multiprocessing.get_context("fork")  # no re-import of torch per rank
     port = _free_port()

@@ -1,4 +1,5 @@
-"""Sampling time grids (reference/grids.py, docs/math.md §10.1): rev-quad and uniform."""
+"""Sampling time grids (reference/grids.py, docs/math.md §10.1): rev-quad and uniform; the minimum spacing
+of production grids (psb_fast.grids)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import math
 import pytest
 import torch
 
+from psb_fast import grids
 from psb_fast.reference.grids import rev_quad_grid, uniform_grid
+from psb_fast.settings import Setting
 
 GRIDS = (rev_quad_grid, uniform_grid)
 
@@ -103,3 +106,54 @@ def test_validation(fn, args, name):
 def test_rev_quad_bad_q(q):
     with pytest.raises(ValueError, match=r"\bq\b"):
         rev_quad_grid(5, 1e-5, 0.9, q=q)
+
+
+# --- minimum spacing of production grids (psb_fast.grids, docs/math.md §10.1; D8) ------------------------
+
+@pytest.mark.parametrize("gap", [1e-4, 1e-6, 1e-9, 1e-15])
+def test_nearly_coincident_explicit_nodes_are_refused(gap):
+    times = [1e-5, 0.1, 0.2, 0.2 + gap, 0.6]
+    message = r"nodes t\[2\]=0.2 and t\[3\]=0.2.* are too close: step .* < the minimum 0.0004 \(1/1000 of"
+    with pytest.raises(ValueError, match=message):
+        grids.explicit_grid(times, 5, 1e-5)
+
+
+def test_the_floor_is_the_larger_of_the_ratio_and_the_dtype_bound():
+    grid = torch.tensor([0.0, 0.5, 0.5 + 5.1e-4, 0.9], dtype=torch.float64)
+    floor = grids.min_steps(grid)
+    ulp32 = grids.MIN_STEP_ULPS * torch.finfo(torch.float32).eps
+    # step 1 is bounded by its larger neighbour (0.5 / 1000), steps 0 and 2 by the float32 ulps of their end
+    assert floor.tolist() == pytest.approx([ulp32 * 0.5, 5e-4, ulp32 * 0.9], rel=1e-12)
+    grids.check_spacing(grid)  # just above the floor: accepted; just below: refused
+    with pytest.raises(ValueError, match=r"t\[1\]=0.5 and t\[2\]=0.50049 are too close"):
+        grids.check_spacing(torch.tensor([0.0, 0.5, 0.5 + 4.9e-4, 0.9], dtype=torch.float64))
+    tiny = torch.tensor([0.5, 0.5 + 1e-6, 0.5 + 2e-6], dtype=torch.float64)  # steps 1e-6, ratio 1
+    ulps32 = grids.MIN_STEP_ULPS * torch.finfo(torch.float32).eps * 0.5
+    assert 1e-6 < ulps32 and float(grids.min_steps(tiny)[0]) == pytest.approx(ulps32, rel=1e-5)
+    with pytest.raises(ValueError, match="64 float32 ulps"):
+        grids.check_spacing(tiny)
+    grids.check_spacing(tiny, torch.float64)  # 1e-6 is far from float64's resolution
+
+
+def test_tuned_fractions_with_a_collapsed_gap_are_refused():
+    fractions = (0.0, 0.3, 0.3 + 1e-7, 0.7, 1.0)
+    with pytest.raises(ValueError, match="are too close"):
+        grids.power_grid(5, 1e-5, 0.9, 2.0, fractions)
+    with pytest.raises(ValueError, match="are too close"):
+        Setting(0.9, 2.0, 2, fractions).grid(5, 1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 100, 1000, 10_000])
+@pytest.mark.parametrize("q", [0.5, 1.0, 1.5, 2.0, 3.0, 6.0])
+def test_every_named_grid_of_any_size_passes(n, q):
+    for t0, T in ((1e-5, 0.999), (1e-5, 0.5), (0.0, 0.9)):
+        if not (t0 == 0.0 and q > 6):
+            grids.power_grid(n, t0, T, q)
+        grids.uniform_grid(n, t0, T)
+
+
+def test_the_package_defaults_pass():
+    from psb_fast.defaults import default_setting
+
+    for nfe in range(1, 201):
+        default_setting(nfe).grid(nfe, 1e-5)

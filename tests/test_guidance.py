@@ -176,3 +176,23 @@ def test_sampling_a_trainable_module_needs_no_grad_context(setup):
     net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
     out = PhaseSampler(bridge, 5, backend="cpu").sample(lambda m, t: net(m), m0[:8])
     assert out.shape == (8, 2) and not out.requires_grad
+
+
+@pytest.mark.parametrize("variant", ["multistep-corrector", "data-corrector"])
+def test_guidance_redraws_are_not_undone_by_the_corrector(setup, variant):
+    """A redraw replaces v before an evaluation; the corrector must not redo the step before it
+    (its correction would carry the jump into the state). Inpainting redraws before every
+    evaluation, so each corrector variant then gives exactly its predictor's output, and strong
+    dyn-v guidance reaches the stroke's mode with every variant."""
+    bridge, model, m0 = setup
+    from psb_fast.defaults import default_setting
+
+    setting = default_setting(10).replace(order=3)
+    predictor = setting.replace(variant=variant.removesuffix("-corrector"))
+    guide = StrokeGuide(torch.tensor([1.2, -1.0]), mode="inpaint")
+    corrected = PhaseSampler(bridge, 10, setting.replace(variant=variant), backend="cpu")
+    plain = PhaseSampler(bridge, 10, predictor, backend="cpu")
+    assert torch.equal(corrected.sample(model, m0, guide=guide, seed=0),
+                       plain.sample(model, m0, guide=guide, seed=0))
+    strong = corrected.sample(model, m0, guide=StrokeGuide(MODE, strength=1.0), seed=0)
+    assert near(strong, MODE) > 0.99

@@ -30,10 +30,11 @@ import pytest
 
 from psb_fast.kernels import launches
 
+pytestmark = pytest.mark.slow  # compiles every kernel for sm_80 and sm_90 (minutes)
 ARCHS = (80, 90)
 REGISTER_BUDGET = {
     "_bridge_sample_kernel": 128,
-    "_phase_noise_kernel": 128,
+    "_sde_step_kernel": 128,
     "_phase_step_kernel": 80,
     "_phase_hop_kernel": 48,
 }

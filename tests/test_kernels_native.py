@@ -122,7 +122,7 @@ def test_phase_hop(shape, dtype):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_phase_noise_update_with_supplied_noise(shape, dtype):
+def test_sde_step_kernel_with_supplied_noise(shape, dtype):
     h, cxf, cvf = 0.05, 0.013, 0.41
     (F,) = make(shape, dtype, 1, seed=4, strided=shape == (3, 3, 5))
     xi = make(shape, torch.float32, 2, seed=5)
@@ -136,7 +136,7 @@ def test_phase_noise_update_with_supplied_noise(shape, dtype):
             want_x = x + h * v + cxf * f + lxx * xi_x
             want_v = v + cvf * f + lxv * xi_x + lvv * xi_v
             given = None if chol is None else xi
-            sde_step.phase_noise_update(m, F if has_f else None, h, cxf, cvf, chol, xi=given)
+            sde_step.sde_step(m, F if has_f else None, h, cxf, cvf, chol, xi=given)
             got_x, got_v = split(m)
             assert_close(got_x, want_x, dtype)
             assert_close(got_v, want_v, dtype)
@@ -240,7 +240,7 @@ GOLDEN = [
 def drawn_by_noise_kernel(seed, offset, B, n):
     """(xi_x, xi_v), each [B, n], as drawn by the SDE kernel for x elements offset .. offset + B n."""
     m = torch.zeros(B, 2, n, device=DEVICE)
-    sde_step.phase_noise_update(m, None, 0.0, 0.0, 0.0, (1.0, 0.0, 1.0), seed=seed, offset=offset)
+    sde_step.sde_step(m, None, 0.0, 0.0, 0.0, (1.0, 0.0, 1.0), seed=seed, offset=offset)
     return m[:, 0].cpu(), m[:, 1].cpu()
 
 

@@ -164,6 +164,7 @@ GRID_CASES = [
 
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize(("bridge_name", "n", "T", "t_end"), GRID_CASES)
+@pytest.mark.slow
 def test_coefficients_match_mpmath(bridge_name, n, T, t_end, order):
     bridge = PhaseBridge(**BRIDGES[bridge_name])
     grid = rev_quad_grid(n, T0, T)
@@ -221,6 +222,7 @@ def test_one_point_grid_without_t_end():
 
 
 @pytest.mark.parametrize(("bridge_name", "n", "T", "t_end"), GRID_CASES[:6])
+@pytest.mark.slow
 def test_order0_is_integral_of_normalizer(bridge_name, n, T, t_end):
     """Cv_{i,0} of order 0 is int N over the step; Cx_{i,0} is int (t_{i+1} - s) N(s) ds."""
     grid = rev_quad_grid(n, T0, T)

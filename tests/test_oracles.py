@@ -130,6 +130,7 @@ def _reference_mp(bridge: PhaseBridge, t: float, xs: list[float], vs: list[float
 
 
 @pytest.mark.parametrize("mode", ["probODE", "SDE"])
+@pytest.mark.slow
 def test_oracle_matches_50_digit_reference(mode: str) -> None:
     """Posterior mean, score and E[f | m] in 2-D to 1e-12 relative for tau from 1 down to 1e-5
     (where E[f | m] ~ tau^2 is a tiny difference of O(1) terms in the naive form)."""
@@ -192,6 +193,7 @@ def test_drift_rows_and_model_dtype() -> None:
 # --- (b) the probability flow carries the prior to the data distribution ---------------------
 
 
+@pytest.mark.slow
 def test_probability_flow_transports_prior_to_mixture() -> None:
     """m0 ~ prior, exact flow from t0 = 1e-5 to 0.999: x ~ sum_k pi_k N(cx mu_k, (cx^2 s_k^2 + Sxx) I).
 
@@ -218,6 +220,7 @@ def test_probability_flow_transports_prior_to_mixture() -> None:
         assert torch.all((xk.var(0) - var).abs() <= N_SE * var * math.sqrt(2 / (len(xk) - 1))), k
 
 
+@pytest.mark.slow
 def test_ode_solution_round_trip_and_validation() -> None:
     """Forward 0.3 -> 0.8 then back recovers m (the flow is deterministic and invertible)."""
     bridge = PhaseBridge()

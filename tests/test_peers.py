@@ -202,6 +202,7 @@ def test_bad_arguments():
         bench_quality.run_quality(True, "unused", mixtures=("nope",))
 
 
+@pytest.mark.slow
 def test_quick_study_writes_its_files(tmp_path):
     report = bench_quality.run_quality(
         True, tmp_path, seeds=(0,), progress=False, nfes=(3, 5), batch=32, mixtures=("grid4x4",)

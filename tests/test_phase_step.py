@@ -4,6 +4,7 @@ Triton kernels run under the interpreter on CPU tensors (tests/conftest.py).
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ TOL = {
 }
 DTYPES = list(TOL)
 FAST_BACKENDS = ("triton", "cpu")
-ALL_BACKENDS = (*FAST_BACKENDS, "reference")
+ALL_BACKENDS = (*FAST_BACKENDS, "float64")
 # x shapes: B = 1 4-D image with n = 105 (not a multiple of the block), 2-D vectors spanning
 # blocks and rows, and n = 1024 (rows aligned with the kernel block).
 X_SHAPES = [(1, 3, 5, 7), (3, 1030), (2, 1, 32, 32)]
@@ -50,7 +51,7 @@ def make_state(x_shape, dtype, seed=0):
 
 def reference_step(m, Fs, h, Cx, Cv):
     C = m.shape[1] // 2
-    x_new, v_new = ref.ode_step(m[:, :C], m[:, C:], h, Cx, Cv, Fs)
+    x_new, v_new = ref.phase_step(m[:, :C], m[:, C:], h, Cx, Cv, Fs)
     return torch.cat([x_new, v_new], dim=1)
 
 
@@ -122,7 +123,7 @@ def test_phase_step_coefficients_as_tensor_row(backend):
     assert_close(m, want, torch.float32)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS + ("reference",))
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ("float64",))
 def test_phase_step_empty_batch(backend):
     m = torch.zeros(0, 4, 3)
     assert phase_step(m, [torch.zeros(0, 2, 3)], H, [1.0], [1.0], backend=backend) is m
@@ -146,7 +147,7 @@ def test_phase_hop_matches_reference(backend, dtype, mode, T):
     assert_close(got, want, dtype, scale=want.abs().max().item())
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS + ("reference",))
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ("float64",))
 @pytest.mark.parametrize("mode", ["probODE", "SDE"])
 def test_phase_hop_near_one_is_finite(backend, mode):
     bridge = PhaseBridge(mode=mode)
@@ -194,7 +195,7 @@ def _bad_step_cases():
     ]
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS + ("reference",))
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ("float64",))
 @pytest.mark.parametrize("kwargs,exc,match", _bad_step_cases())
 def test_phase_step_rejects_bad_input(backend, kwargs, exc, match):
     m_before = kwargs["m"].clone() if isinstance(kwargs["m"], torch.Tensor) else None
@@ -218,3 +219,59 @@ def test_phase_hop_rejects_bad_input():
         phase_hop(bridge, m, torch.zeros(2, 4, 3), 0.9)
     with pytest.raises(TypeError, match="bridge must be a PhaseBridge"):
         phase_hop("bridge", m, F, 0.9)
+
+
+# --- the 2x2 transition (every variant's update, docs/math.md §7.4) -----------------------------
+
+TRANSITIONS = [(0.93, 0.041, -0.35, 0.81), (1.0, 0.0, 0.0, 1.0), (0.2, 0.6, -1.3, 0.0)]
+
+
+@pytest.mark.parametrize("x_shape", [(1, 3, 5, 7), (3, 1030)], ids=str)
+@pytest.mark.parametrize("phi", TRANSITIONS, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_transition_matches_reference(backend, dtype, phi, x_shape):
+    """x <- p_xx x + p_xv v + sum Cx F, v <- p_vx x + p_vv v + sum Cv F on every backend, against the
+    oracle's own transcription; the last transition has p_vv = 0 (the cpu path's fallback)."""
+    m, Fs = make_state(x_shape, dtype, seed=3)
+    want = reference_step(m, Fs[:3], phi, CX[:3], CV[:3])
+    got = phase_step(m.clone(), Fs[:3], phi, CX[:3], CV[:3], backend=backend)
+    assert_close(got, want, dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_f_form_transition_equals_the_step_size(backend):
+    """The transition (1, h, 0, 1) is the F form's step h exactly."""
+    m, Fs = make_state((3, 1030), torch.float32, seed=4)
+    a = phase_step(m.clone(), Fs[:2], H, CX[:2], CV[:2], backend=backend)
+    b = phase_step(m.clone(), Fs[:2], (1.0, H, 0.0, 1.0), CX[:2], CV[:2], backend=backend)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("h", [(1.0, 2.0, 3.0), (1.0, math.nan, 0.0, 1.0), "h", -0.1])
+def test_bad_transitions_are_refused(h):
+    m, Fs = make_state((2, 4), torch.float32)
+    before = m.clone()
+    with pytest.raises((ValueError, TypeError), match="h"):
+        phase_step(m, Fs[:1], h, [0.1], [0.2], backend="cpu")
+    assert torch.equal(m, before)
+
+
+# --- autograd inputs are refused before anything is written (every backend) ----------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("which", ["m", "F"])
+def test_autograd_inputs_are_refused_untouched(backend, which):
+    m, Fs = make_state((2, 3, 4), torch.float32)
+    F = Fs[0]
+    (m if which == "m" else F).requires_grad_(True)
+    before = m.detach().clone()
+    name = "m" if which == "m" else "F_hist[0]"
+    with pytest.raises(ValueError, match=re.escape(f"{name} requires grad")):
+        phase_step(m, [F], H, [0.1], [0.2], backend=backend)
+    with pytest.raises(ValueError, match="requires grad"):
+        phase_hop(PhaseBridge(), m, F, 0.5, backend=backend)
+    assert torch.equal(m.detach(), before)
+    with torch.no_grad():  # outside autograd the same call runs
+        phase_step(m, [F], H, [0.1], [0.2], backend=backend)

@@ -7,7 +7,7 @@ from PIL import Image
 
 import psb_fast
 from psb_fast.oracles import mixture_2d_grid
-from psb_fast.plots import image_grid, phase_trajectories, toy_panels
+from psb_fast.plots import image_grid, phase_trajectories, toy_comparison, toy_panels
 
 torch.set_num_threads(1)
 
@@ -18,6 +18,7 @@ def _read_png(path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+@pytest.mark.slow
 def test_toy_panels(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = torch.randn(300, 2, generator=g)
@@ -36,6 +37,48 @@ def test_toy_panels(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
+def test_toy_comparison_draws_a_row_per_nfe_and_a_column_per_setting(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(200, 2, generator=g)
+    settings = {name: torch.randn(100, 2, generator=g) for name in ("defaults", "tuned", "published")}
+    toy_comparison(data, {"NFE 5": settings, "NFE 10": settings, "NFE 20": settings}, tmp_path / "grid.png")
+    toy_comparison(data, {"NFE 5": {"defaults": settings["defaults"]}}, tmp_path / "one.png")
+    grid, one = _read_png(tmp_path / "grid.png"), _read_png(tmp_path / "one.png")
+    assert grid.shape[0] > 2.5 * one.shape[0] and grid.shape[1] > 1.8 * one.shape[1]
+    with pytest.raises(ValueError, match=r"rows\['NFE 5'\]\['tuned'\]"):
+        toy_comparison(data, {"NFE 5": {"tuned": torch.randn(4, 3)}}, tmp_path / "x.png")
+    with pytest.raises(TypeError, match="rows"):
+        toy_comparison(data, {"NFE 5": {}}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+def test_toy_comparison_keeps_a_column_per_setting_name_across_rows(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(200, 2, generator=g)
+    full = {name: torch.randn(100, 2, generator=g) for name in ("defaults", "tuned", "learned", "published")}
+    partial = {k: v for k, v in full.items() if k != "learned"}  # a row where nothing was learned
+    notes = {"NFE 5": {"learned": "nothing learned"}, "NFE 10": {"tuned": "T 0.8 (kept)"}}
+    toy_comparison(data, {"NFE 5": partial, "NFE 10": full}, tmp_path / "cols.png", notes=notes,
+                   columns=["defaults", "tuned", "learned", "published"])
+    toy_comparison(data, {"NFE 5": full, "NFE 10": full}, tmp_path / "full.png")
+    cols, both = _read_png(tmp_path / "cols.png"), _read_png(tmp_path / "full.png")
+    assert cols.shape == both.shape  # 5 columns both: the missing cell stays in its column, empty
+
+    def ink(image):  # share of non-white pixels in the first row's "learned" cell (the 4th column)
+        width = image.shape[1] // 5
+        return (image[: image.shape[0] // 2, 3 * width + 10: 4 * width - 10] < 250).mean()
+
+    assert ink(cols) < ink(both) / 3  # only the note's text, no axes or points
+    with pytest.raises(ValueError, match="missing"):
+        toy_comparison(data, {"NFE 5": full}, tmp_path / "x.png", columns=["defaults"])
+    with pytest.raises(TypeError, match="notes"):
+        toy_comparison(data, {"NFE 5": full}, tmp_path / "x.png", notes={"NFE 5": {"tuned": 1}})
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
 def test_phase_trajectories_from_sampler(tmp_path):
     bridge = psb_fast.PhaseBridge()
     mixture = mixture_2d_grid()
@@ -96,6 +139,7 @@ def test_image_grid_bad_input(tmp_path):
             image_grid(torch.zeros(1, 1, 4, 4), tmp_path / "g.png", **kwargs)
 
 
+@pytest.mark.slow
 def test_titles_and_settings_label(tmp_path):
     bridge = psb_fast.PhaseBridge()
     sampler = psb_fast.PhaseSampler(bridge, nfe=10, T=0.7, order=2, grid="rev-quad", backend="reference")

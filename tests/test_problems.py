@@ -72,6 +72,7 @@ def test_shapes_and_scale() -> None:
 
 
 @pytest.mark.parametrize("mode, splits", [("probODE", tuple(P.SPLITS)), ("SDE", ("validate",))])
+@pytest.mark.slow
 def test_drift_finite(mode: str, splits: tuple[str, ...]) -> None:
     bridge = PhaseBridge(mode=mode)
     coefs = {t: bridge.coefficients(torch.tensor(t, dtype=torch.float64)) for t in (0.5, 0.999)}

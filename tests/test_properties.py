@@ -164,6 +164,7 @@ BAD_PARAMETERS = {
                min_size=1, max_size=4),
     t_form=st.sampled_from(["float", "0-d", "1-d", "2-d"]),
 )
+@pytest.mark.slow
 def test_bridge_coefficients_are_finite_inside_the_box(p, k, varx, varv, mode, as_tensor, t, t_form):
     params = dict(p=p, k=k, varx=varx, varv=varv)
     if as_tensor:
@@ -231,6 +232,7 @@ def pick(options: list, seed: int):
 @given(data=st.data(), shape=x_shapes(max_b=4), dtype=st.sampled_from(STORAGE),
        x_layout=st.sampled_from(LAYOUTS), eps_kind=st.sampled_from(["none", "strided", "views of x1"]),
        mode=st.sampled_from(MODES), seed=st.integers(0, 2**31))
+@pytest.mark.slow
 def test_bridge_sample_equals_contiguous_copies(data, shape, dtype, x_layout, eps_kind, mode, seed):
     backend = data.draw(st.sampled_from(BACKENDS))
     if backend == "triton" and math.prod(shape) > 24:
@@ -305,6 +307,7 @@ def step_inputs(draw):
 @bounded(120)
 @given(inputs=step_inputs(), h=st.floats(0.0, 0.2),
        coeffs=st.lists(st.floats(-1.0, 1.0), min_size=8, max_size=8))
+@pytest.mark.slow
 def test_phase_step_equals_contiguous_copies(inputs, h, coeffs):
     backend, m, F_hist, _, dtype = inputs
     q = len(F_hist)
@@ -352,6 +355,7 @@ def test_phase_step_rejects_bad_arguments_naming_them(case, backend):
 @bounded(60)
 @given(inputs=step_inputs(), T=st.floats(0.0, 0.999), mode=st.sampled_from(MODES),
        T_form=st.sampled_from(["float", "0-d", "1-elem"]))
+@pytest.mark.slow
 def test_phase_hop_equals_contiguous_copies(inputs, T, mode, T_form):
     backend, m, F_hist, x_shape, dtype = inputs
     bridge = PhaseBridge(mode=mode)
@@ -370,6 +374,7 @@ def test_phase_hop_equals_contiguous_copies(inputs, T, mode, T_form):
 @bounded(80)
 @given(inputs=step_inputs(), kind=st.sampled_from(["exact", "em", "sscs_half"]), t=st.floats(0.0, 0.9),
        h=st.floats(0.0, 0.09), xi_kind=st.sampled_from(["fresh", "views of m"]), seed=st.integers(0, 2**31))
+@pytest.mark.slow
 def test_sde_step_equals_contiguous_copies(inputs, kind, t, h, xi_kind, seed):
     backend, m, F_hist, x_shape, dtype = inputs
     bridge = PhaseBridge(mode="SDE")
@@ -435,6 +440,7 @@ BAD_SAMPLER = {
 @bounded(100)
 @given(data=st.data(), bad=st.sampled_from([None, None, *sorted(BAD_SAMPLER)]),
        tensor_scalars=st.booleans())
+@pytest.mark.slow
 def test_sampler_construction(data, bad, tensor_scalars):
     kwargs = {name: data.draw(st.sampled_from(values), label=name) for name, values in GOOD_SAMPLER.items()}
     bridge = PhaseBridge()
@@ -444,7 +450,7 @@ def test_sampler_construction(data, bad, tensor_scalars):
         s = PhaseSampler(bridge, **kwargs)
         assert len(s.grid) == kwargs["nfe"] and s.hop is kwargs["hop"]
         assert s.grid[0].item() == pytest.approx(float(kwargs["t0"]), abs=1e-12)
-        assert 0 <= s.order <= 3 and len(s.coefficients.h) == kwargs["nfe"] - (1 if kwargs["hop"] else 0)
+        assert 0 <= s.order <= 3 and len(s.tables.h) == kwargs["nfe"] - (1 if kwargs["hop"] else 0)
         return
     value = data.draw(st.sampled_from(BAD_SAMPLER[bad]), label=f"bad {bad}")
     if bad == "bridge":
@@ -469,6 +475,7 @@ def model_of(kind: str, C: int) -> Callable:
 @given(data=st.data(), shape=x_shapes(max_b=3, max_c=2), dtype=st.sampled_from((*STORAGE, torch.float64)),
        layout=st.sampled_from(LAYOUTS), nfe=st.integers(1, 6), order=st.integers(0, 3), hop=st.booleans(),
        model_kind=st.sampled_from(["fresh", "x view", "v view", "transposed"]), seed=st.integers(0, 2**31))
+@pytest.mark.slow
 def test_sample_equals_contiguous_copies(data, shape, dtype, layout, nfe, order, hop, model_kind, seed):
     """Sampling with a strided m0 and a model returning views of m equals sampling with a
     contiguous m0 and a model returning copies; the sample is finite, of x's shape and m0's dtype."""

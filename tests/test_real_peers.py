@@ -85,6 +85,7 @@ def all_results() -> tuple[list[rp.PeerConfig], dict]:
     return configs, rp.run_problem(PROBLEM, configs, nfes=(5, 10, 60), draws=32)
 
 
+@pytest.mark.slow
 def test_every_configuration_runs_and_counts(all_results) -> None:
     configs, result = all_results
     names = [c.name for c in configs]
@@ -104,6 +105,7 @@ def test_every_configuration_runs_and_counts(all_results) -> None:
         assert best["error"] == min(row["error"] for row in table.values())
 
 
+@pytest.mark.slow
 def test_large_nfe_converges_to_own_exact_flow(all_results) -> None:
     """At NFE 60 every configuration is within 1e-3 of its own exact flow or 3x closer than at NFE 10
     (the floor of several: a first-order last step into sigma 0 from sigma(t_last) or sigma_min)."""

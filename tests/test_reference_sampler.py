@@ -19,9 +19,9 @@ from scipy.integrate import quad
 from psb_fast.bridge import PhaseBridge, split_phase
 from psb_fast.multistep import multistep_coefficients
 from psb_fast.oracles import mixture_2d_grid, ode_solution
+from psb_fast.reference import multistep as ref_multistep
 from psb_fast.reference import sde_step
 from psb_fast.reference.grids import rev_quad_grid, uniform_grid
-from psb_fast.reference.multistep import ode_coefficients
 from psb_fast.reference.phase_step import hop_reference
 from psb_fast.reference.sampler import sample_em, sample_ode, sample_sde_exact, sample_sscs
 
@@ -83,6 +83,7 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("order", [0, 1, 2, 3])
 @pytest.mark.parametrize("hop", [False, True], ids=["no_hop", "hop"])
+@pytest.mark.slow
 def test_ode_converges_to_exact_flow(mix, ode_bridge, convergence_setup, hop, order):
     m0, exact = convergence_setup
     model = mix.as_model(ode_bridge)
@@ -99,6 +100,7 @@ def test_ode_converges_to_exact_flow(mix, ode_bridge, convergence_setup, hop, or
     assert slope >= MIN_SLOPE[order], (slope, errs)
 
 
+@pytest.mark.slow
 def test_published_settings_hop_close_to_exact(mix, ode_bridge):
     """NFE 10, T 0.7, order 2 with hop (CIFAR-10 FID 4.54 setting): RMSE < 0.1 vs the exact hop.
 
@@ -142,7 +144,7 @@ def test_callback_and_update_rule(mix, ode_bridge, hop, order):
         assert s["x"].shape == s["v"].shape == s["F"].shape == (5, 2)
         want_F = mix.drift(ode_bridge, torch.cat([s["x"], s["v"]], 1), s["t"])
         torch.testing.assert_close(s["F"], want_F, rtol=1e-13, atol=1e-13)
-    co = ode_coefficients(ode_bridge, grid, order, None if hop else T_END)
+    co = ref_multistep.multistep_coefficients(ode_bridge, grid, order, None if hop else T_END)
     states = [(s["x"], s["v"]) for s in seen]
     for i in range(n - 1 if hop else n):
         q = min(i, order)
@@ -173,12 +175,12 @@ def test_callback_and_update_rule(mix, ode_bridge, hop, order):
 @pytest.mark.parametrize(
     ("n", "T", "t_end"), [(5, 0.9, None), (10, 0.7, None), (20, 0.99, T_END), (80, 0.999, None)]
 )
-def test_ode_coefficients_match_production(mode, order, n, T, t_end):
+def test_multistep_coefficients_match_production(mode, order, n, T, t_end):
     """reference/multistep.py (its own composite Gauss-Legendre and Lagrange weights) and the
     production psb_fast.multistep agree to 1e-12 of each step's largest coefficient."""
     bridge = PhaseBridge(mode=mode)
     for grid in (rev_quad_grid(n, T0, T), uniform_grid(n, T0, T)):
-        want = ode_coefficients(bridge, grid, order, t_end)
+        want = ref_multistep.multistep_coefficients(bridge, grid, order, t_end)
         got = multistep_coefficients(bridge, grid, order, t_end)
         torch.testing.assert_close(got.h, want.h, rtol=1e-15, atol=0)
         for name in ("Cx", "Cv"):
@@ -251,6 +253,7 @@ FRAC_ALLOW, MEAN_ALLOW, STD_ALLOW = 0.005, 0.015, 0.004
 
 
 @pytest.mark.parametrize("name", list(SDE_SAMPLERS))
+@pytest.mark.slow
 def test_sde_samplers_reproduce_mixture(mix, sde_bridge, name):
     gen = torch.Generator().manual_seed(11)
     m0 = sde_bridge.sample_prior((SDE_B, 2), generator=gen, dtype=torch.float64)
@@ -346,7 +349,7 @@ def test_sampler_single_steps(sde_bridge, t, h):
         return torch.full_like(m[:, :1], c)
 
     grid = torch.tensor([t], dtype=torch.float64)
-    co = ode_coefficients(sde_bridge, grid, 0, t + h)
+    co = ref_multistep.multistep_coefficients(sde_bridge, grid, 0, t + h)
     s = 0.5 * h
     half1, half2 = sde_step.sscs_half_covariance(p, t, s), sde_step.sscs_half_covariance(p, t + s, s)
     n_mid = sde_bridge.coefficients(t + s).normalizer.item()

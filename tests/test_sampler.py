@@ -1,4 +1,5 @@
-"""PhaseSampler: published-algorithm compatibility, solvers, trajectory, conditioning, errors."""
+"""PhaseSampler's API: published-algorithm compatibility, solvers, trajectory, conditioning, errors,
+Setting as its input, old spellings, from_tuned."""
 
 import math
 
@@ -6,12 +7,13 @@ import pytest
 import torch
 
 import psb_fast
-from psb_fast import PhaseBridge, PhaseSampler
+from psb_fast import PhaseBridge, PhaseSampler, backends
 from psb_fast.defaults import default_setting, tuned_grid
 from psb_fast.oracles import mixture_2d_grid, ode_solution
 from psb_fast.reference.grids import rev_quad_grid
 from psb_fast.reference.sampler import sample_ode
 from psb_fast.sampler import published_T
+from psb_fast.settings import Setting, load_tuned, published_setting, save_tuned
 
 torch.set_num_threads(1)
 BACKENDS = ["cpu", "reference", "triton"]
@@ -47,13 +49,15 @@ def test_no_hop_matches_reference_every_order(setup, order):
 
 
 @pytest.mark.parametrize("nfe", [5, 10, 20])
+@pytest.mark.slow
 def test_defaults_are_tuned_and_accurate(setup, nfe):
     """None settings take the tuned T/order/grid; the hop output tracks the exact flow's x1 at
     least as well as the published settings (pathwise, vs the exact flow to 0.999)."""
     bridge, mix, m0 = setup
     sampler = PhaseSampler(bridge, nfe=nfe)
     T, order = default_setting(nfe).T, default_setting(nfe).order
-    assert (sampler.T, sampler.order, sampler.grid_kind) == (T, order, "tuned")
+    assert (sampler.T, sampler.order, sampler.grid_kind) == (T, order, "default")
+    assert sampler.setting == default_setting(nfe)
     assert torch.equal(sampler.grid, tuned_grid(nfe, 1e-5, T))
     m64 = m0.double()
     m_end = ode_solution(mix, bridge, m64, 1e-5, 0.999)
@@ -118,6 +122,7 @@ def test_cond_is_passed_through(setup):
 
 
 @pytest.mark.parametrize("solver", ["sde", "em", "sscs"])
+@pytest.mark.slow
 def test_sde_solvers_reproduce_mixture(solver):
     """SDE model with its exact drift: the output's per-mode means sit on the mixture's modes."""
     bridge = PhaseBridge(mode="SDE")
@@ -212,7 +217,7 @@ def test_nfe1_hops_at_its_only_grid_time(setup):
 
 def test_progress_bar_reaches_nfe(monkeypatch):
     """The bar counts every network evaluation, the last one (before the hop) included."""
-    import psb_fast.sampler as sampler_module
+    import psb_fast.progress as progress_module
 
     counts = []
 
@@ -227,7 +232,7 @@ def test_progress_bar_reaches_nfe(monkeypatch):
         def close(self):
             pass
 
-    monkeypatch.setattr(sampler_module, "tqdm", Bar)
+    monkeypatch.setattr(progress_module, "tqdm", Bar)  # every bar is made there
     bridge = PhaseBridge()
     m0 = bridge.sample_prior((8, 2), generator=torch.Generator().manual_seed(0))
     for nfe in (1, 5, 10):
@@ -242,3 +247,66 @@ def test_model_output_on_another_device_is_refused():
     m0 = bridge.sample_prior((4, 2), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"model output at step 0 \(t=1e-05\) must be on cpu, got meta"):
         PhaseSampler(bridge, 3, backend="cpu").sample(lambda m, t: torch.zeros(4, 2, device="meta"), m0)
+
+
+# ------------------------------------------------------------------- Setting, old spellings, from_tuned
+
+def test_setting_is_the_samplers_input():
+    bridge = PhaseBridge()
+    setting = default_setting(10).replace(order=1)
+    sampler = PhaseSampler(bridge, 10, setting)
+    assert sampler.setting == setting and (sampler.T, sampler.order, sampler.variant) == (
+        setting.T, 1, setting.variant)
+    assert torch.equal(sampler.grid, setting.grid(10, 1e-5))
+    pub = PhaseSampler(bridge, 10, published_setting(10))
+    assert (pub.T, pub.order, pub.grid_kind, pub.variant) == (0.7, 2, "rev-quad", "multistep")
+    with pytest.raises(ValueError, match="either setting or the old keywords"):
+        PhaseSampler(bridge, 10, setting, order=2)
+    with pytest.raises(TypeError, match="setting must be"):
+        PhaseSampler(bridge, 10, "rev-quad")
+
+
+def test_old_keywords_warn_once_and_stay_in_one_family(monkeypatch):
+    """A partial old spelling replaces fields of the family default (variant included), never
+    mixing in the published variant; T, order and grid together keep meaning the published update."""
+    monkeypatch.setattr(backends, "_WARNED", set())
+    bridge = PhaseBridge()
+    with pytest.warns(FutureWarning, match=r"PhaseSampler\(order=...\) is deprecated"):
+        partial = PhaseSampler(bridge, 10, order=1)
+    assert partial.setting == default_setting(10).replace(order=1)
+    with warnings_recorded() as seen:
+        PhaseSampler(bridge, 10, order=1)
+    assert not seen  # once per process
+    with pytest.warns(FutureWarning):
+        full = PhaseSampler(bridge, 10, T=0.7, order=2, grid="rev-quad")
+    assert full.setting == published_setting(10)
+    with pytest.warns(FutureWarning, match="keyword-only"):
+        positional = PhaseSampler(bridge, 10, 0.7, 1e-5, 2, "rev-quad")
+    assert positional.setting == published_setting(10)
+    with pytest.warns(FutureWarning, match="'float64'"):
+        assert PhaseSampler(bridge, 4, backend="reference").backend == "float64"
+
+
+class warnings_recorded:
+    def __enter__(self):
+        import warnings
+
+        self._cm = warnings.catch_warnings(record=True)
+        seen = self._cm.__enter__()
+        warnings.simplefilter("always")
+        return seen
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+# --- tuned-settings files (beside Setting) ------------------------------------------------------
+
+
+def test_tuned_file_round_trip_and_from_tuned(tmp_path):
+    path = tmp_path / "tuned.json"
+    save_tuned({10: {"T": 0.75, "q": 1.5, "order": 2, "variant": "data-corrector", "rmse": 0.1}}, path)
+    entries = load_tuned(path)
+    assert entries[10]["variant"] == "data-corrector"
+    sampler = PhaseSampler.from_tuned(path, PhaseBridge(), 10)
+    assert sampler.setting == Setting(0.75, 1.5, 2, None, "data-corrector")

@@ -20,6 +20,7 @@ from psb_fast.guidance import StrokeGuide, mix_initial_velocity
 from psb_fast.ops.phase_step import phase_hop, phase_step
 from psb_fast.ops.sde_step import sde_step
 from psb_fast.sampler import MAX_NFE, _raise_first_nonfinite
+from psb_fast.settings import published_setting
 
 torch.set_num_threads(1)
 BACKENDS = ("cpu", "reference", "triton")
@@ -126,12 +127,15 @@ def test_sampler_rejects_a_model_that_overwrites_its_previous_output():
     def reusing(m, t):
         return buffer.copy_(0.5 * m[:, 2:] - m[:, :2])
 
+    # The F-form multistep keeps the model's earlier outputs themselves (the data form keeps the
+    # x1 estimates it computes from them, which a reused buffer cannot change).
+    published = published_setting(6)
     with pytest.raises(ValueError, match=r"model output of step 0 was overwritten.*step 1.*F\.clone"):
-        PhaseSampler(bridge, 6, order=2, backend="cpu").sample(reusing, m0)
+        PhaseSampler(bridge, 6, published, backend="cpu").sample(reusing, m0)
     # Order 0 keeps no earlier output, and a constant (never rewritten) output is fine.
-    PhaseSampler(bridge, 6, order=0, backend="cpu").sample(reusing, m0)
+    PhaseSampler(bridge, 6, published.replace(order=0), backend="cpu").sample(reusing, m0)
     const = torch.full((8, 2), 0.25)
-    s = PhaseSampler(bridge, 6, order=2, backend="cpu")
+    s = PhaseSampler(bridge, 6, published, backend="cpu")
     assert torch.equal(s.sample(lambda m, t: const, m0), s.sample(lambda m, t: const.clone(), m0))
 
 

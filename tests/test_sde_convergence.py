@@ -200,6 +200,7 @@ def test_oracle_drift_is_the_sde_target(sde_bridge, mix):
         assert not torch.allclose(mix.drift(PhaseBridge(), m, t), want)
 
 
+@pytest.mark.slow
 def test_truth_has_the_bridge_marginal(sde_bridge, mix, path_setup):
     """The fine solve with the exact drift reproduces the bridge marginal at T_HOP: per coordinate
     E[x] = cx E[x1], E[x^2] = cx^2 E[x1^2] + Sxx, E[x v] = cx cv E[x1^2] + Sxv, E[v^2] = cv^2 E[x1^2] + Svv.
@@ -221,6 +222,7 @@ def test_truth_has_the_bridge_marginal(sde_bridge, mix, path_setup):
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.slow
 def test_strong_order_one(monkeypatch, sde_bridge, mix, path_setup, solver):
     """RMSE of the output (hop at T_HOP) and of the state m(T_HOP) against the truth on the same
     Brownian path falls like 1/NFE (module docstring: strong order 1 for all three solvers)."""
@@ -242,6 +244,7 @@ def test_strong_order_one(monkeypatch, sde_bridge, mix, path_setup, solver):
 
 
 @pytest.mark.parametrize("n_steps", [1, 8])
+@pytest.mark.slow
 def test_exact_step_is_exact_for_state_independent_model(monkeypatch, sde_bridge, path_setup, n_steps):
     """With F = c (no state dependence) the SDE is linear with exact solution
     x(T) = x0 + T v0 + c int (T - s) N ds + I_x, v(T) = v0 + c int N ds + I_v; the exact-noise step

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from psb_fast.bridge import PhaseBridge
-from psb_fast.kernels.sde_step import phase_noise_update
+from psb_fast.kernels.sde_step import sde_step as sde_step_kernel
 from psb_fast.ops.sde_step import noise_cholesky, sde_step, sscs_half_covariance, transition_covariance
 from psb_fast.reference import sde_step as ref
-from psb_fast.reference.multistep import ode_coefficients
+from psb_fast.reference.multistep import multistep_coefficients
 
 # Result vs the float64 reference with the same xi, per storage dtype:
 # |got - ref| <= atol + rtol * |ref|. 16-bit rtol = 1 ulp (one rounding of the float32 result;
@@ -49,7 +49,7 @@ def make_state(x_shape, dtype, seed=0):
 
 def order0(t, h):
     """The oracle's order-0 integrals over [t, t + h] (reference/multistep.py)."""
-    co = ode_coefficients(BRIDGE, torch.tensor([t, t + h], dtype=torch.float64), order=0)
+    co = multistep_coefficients(BRIDGE, torch.tensor([t, t + h], dtype=torch.float64), order=0)
     return co.Cx[0, 0].item(), co.Cv[0, 0].item()
 
 
@@ -140,7 +140,7 @@ def _moments(a, b):
 def test_kernel_noise_is_standard_normal():
     """With m = 0, h = 0, no F and chol = (1, 0, 1) the kernel writes (xi_x, xi_v)."""
     m = torch.zeros(4, 2, 64, 64)
-    phase_noise_update(m, None, 0.0, 0.0, 0.0, (1.0, 0.0, 1.0), seed=1234)
+    sde_step_kernel(m, None, 0.0, 0.0, 0.0, (1.0, 0.0, 1.0), seed=1234)
     xi_x, xi_v = m[:, :1], m[:, 1:]
     n = xi_x.numel()
     for xi in (xi_x, xi_v):
@@ -178,7 +178,7 @@ def test_noise_covariance_matches_law(backend, kind):
 
 
 def _noise_only(m, seed, offset=0):
-    return phase_noise_update(m, None, 0.0, 0.0, 0.0, (1.0, 0.0, 1.0), seed=seed, offset=offset)
+    return sde_step_kernel(m, None, 0.0, 0.0, 0.0, (1.0, 0.0, 1.0), seed=seed, offset=offset)
 
 
 def test_same_seed_same_numbers_other_seed_differs():
@@ -272,3 +272,17 @@ def test_offset_needs_triton(backend):
     m, F, _ = make_state((2, 6), torch.float32)
     with pytest.raises(ValueError, match="offset must be 0"):
         sde_step("em", m, F, BRIDGE, T, H, seed=1, offset=12, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ("float64",))
+def test_autograd_inputs_are_refused_untouched(backend):
+    """m or F requiring grad: one ValueError naming it, before m is written (every backend)."""
+    m = torch.randn(2, 4, 3)
+    F = torch.randn(2, 2, 3, requires_grad=True)
+    before = m.clone()
+    with pytest.raises(ValueError, match="F requires grad"):
+        sde_step("exact", m, F, BRIDGE, 0.3, 0.05, seed=1, backend=backend)
+    assert torch.equal(m, before)
+    m.requires_grad_(True)
+    with pytest.raises(ValueError, match="m requires grad"):
+        sde_step("em", m, F.detach(), BRIDGE, 0.3, 0.05, seed=1, backend=backend)

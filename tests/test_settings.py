@@ -14,7 +14,7 @@ import psb_fast.sampler
 from psb_fast import PhaseBridge, PhaseSampler, defaults, grids
 from psb_fast.reference import grids as reference_grids
 from psb_fast.seeds import derive_seed, row_seed, step_seed
-from psb_fast.settings import T_END, Setting, published_setting, published_T
+from psb_fast.settings import T_END, Setting, load_tuned, published_setting, published_T
 
 FRACTIONS = (0.0, 0.1, 0.3, 0.55, 0.8, 1.0)
 
@@ -129,14 +129,23 @@ def test_grids_equal_the_reference_transcription_bitwise(n, t0, T):
         assert torch.equal(grids.power_grid(n, t0, T, 1.5, r.tolist()), grids.power_grid(n, t0, T, 1.5))
 
 
-def test_the_tuned_grid_comes_from_the_defaults_not_the_grids_module():
-    """psb_fast.grids sits below the defaults (no import cycle): the "tuned" grid is made by
-    psb_fast.defaults.make_grid (also psb_fast.sampler.make_grid)."""
-    with pytest.raises(ValueError, match="psb_fast.defaults.make_grid"):
-        grids.make_grid("tuned", 6, 1e-5, 0.8)
-    assert psb_fast.sampler.make_grid is defaults.make_grid
-    assert torch.equal(defaults.make_grid("tuned", 6, 1e-5, 0.8), defaults.tuned_grid(6, 1e-5, 0.8))
-    assert torch.equal(defaults.make_grid("uniform", 6, 1e-5, 0.8), grids.uniform_grid(6, 1e-5, 0.8))
+def test_the_default_grid_comes_from_the_defaults_not_the_grids_module(monkeypatch):
+    """psb_fast.grids sits below the defaults (no import cycle): its one make_grid refuses the
+    "default" grid (and its old name "tuned"), which is the default setting's own grid."""
+    from psb_fast import backends
+
+    monkeypatch.setattr(backends, "_WARNED", set())  # warn_once: an earlier test may have warned
+    for name in ("default", "tuned"):
+        with pytest.raises(ValueError, match="default_setting"):
+            grids.make_grid(name, 6, 1e-5, 0.8)
+    assert not hasattr(psb_fast.sampler, "make_grid") and not hasattr(defaults, "make_grid")
+    bridge = PhaseBridge()
+    sampler = PhaseSampler(bridge, 6)
+    assert sampler.grid_kind == "default"
+    assert torch.equal(sampler.grid, defaults.default_setting(6).grid(6, 1e-5))
+    with pytest.warns(FutureWarning, match="grid='default'"):
+        old = PhaseSampler(bridge, 6, grid="tuned")
+    assert old.setting == sampler.setting and torch.equal(old.grid, sampler.grid)
 
 
 def test_grid_names_parse_and_round_trip():
@@ -184,3 +193,30 @@ def test_seed_policy_values_are_the_recorded_ones():
         assert step_seed(seed, i) == zlib.crc32(f"{seed}:{i}".encode()) & 0x7FFFFFFF
     assert step_seed(3, 0) == 1511812110
     assert row_seed(5, 0) == 5 and row_seed(5, 3) == (5 ^ (3 * 0x9E3779B97F4A7C15)) % 2**64
+
+
+def test_tuned_file_with_two_keys_for_one_nfe_is_refused(tmp_path):
+    """Keys "10" and "010" both mean NFE 10: refused naming both, not the last one silently."""
+    path = tmp_path / "tuned.json"
+    entry = {"T": 0.75, "q": 1.5, "order": 2}
+    settings = f'"10": {json_dumps(entry)}, "010": {json_dumps({**entry, "T": 0.5})}'
+    path.write_text('{"format": "psb_fast.tuned/1", "settings": {' + settings + "}}")
+    with pytest.raises(ValueError, match="'10' and '010' both mean NFE 10"):
+        load_tuned(path)
+    path.write_text('{"format": "psb_fast.tuned/1", "settings": {"+10": ' + json_dumps(entry) + "}}")
+    with pytest.raises(ValueError, match="not an integer written in digits"):
+        load_tuned(path)
+
+
+def test_binary_tuned_file_is_one_line_naming_file_and_role(tmp_path):
+    path = tmp_path / "tuned.json"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match="tuned-settings file") as info:
+        load_tuned(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def json_dumps(value) -> str:
+    import json
+
+    return json.dumps(value)

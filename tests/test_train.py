@@ -15,6 +15,7 @@ import torch
 from psb_fast import PhaseBridge
 from psb_fast.checkpoint import load_checkpoint, previous_path
 from psb_fast.config import TrainConfig, apply_overrides, config_to_dict, load_config
+from psb_fast.locks import FolderLocked
 from psb_fast.models import make_model
 from psb_fast.train import lr_factor, train, training_loss
 
@@ -56,7 +57,7 @@ def test_overrides_are_typed():
     (["T=0.5", "t0=0.6"], "T must be in"),
     (["mode=ODE"], "mode must be one of"),
     (["device=tpu"], "device must be one of"),
-    (["lr=-1"], "lr must be > 0, got -1.0"),
+    (["lr=-1"], r"lr must be in \(0, 1e\+06\], got -1.0"),
     (["steps"], "override must look like 'key=value'"),
 ])
 def test_bad_overrides(override, message):
@@ -155,6 +156,7 @@ def _train_until_signalled(cfg: TrainConfig, ready: Path, result: Path) -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="forks the training process (Linux)")
+@pytest.mark.slow
 def test_sigterm_from_outside_in_a_subprocess(tmp_path):
     ready, result = tmp_path / "ready", tmp_path / "result.json"
     cfg = tiny(tmp_path / "run", steps=10**6)
@@ -177,6 +179,50 @@ def test_sigterm_from_outside_in_a_subprocess(tmp_path):
     assert summary["stopped"] == "SIGTERM" and summary["step"] >= 2
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt", fallback=False)
     assert state["step"] == summary["step"]
+
+
+def _train_and_stall(cfg: TrainConfig, ready: Path) -> None:
+    """Child process: train, and at step 2 mark `ready` and hang (until killed)."""
+    torch.set_num_threads(1)
+
+    def stall(info):
+        if info["step"] == 2:
+            ready.touch()
+            time.sleep(600)
+
+    train(cfg, progress=False, callback=stall)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="forks the training process (Linux)")
+def test_a_second_trainer_on_the_same_out_dir_is_refused_until_the_first_dies(tmp_path):
+    """D6: two trainers on one out_dir: the second is refused at once, before writing anything; after
+    kill -9 of the first, its lock is gone and a resume of its checkpoint works."""
+    ready = tmp_path / "ready"
+    cfg = tiny(tmp_path / "run", steps=10**6, ckpt_every=1)
+    proc = multiprocessing.get_context("fork").Process(target=_train_and_stall, args=(cfg, ready))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and proc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), f"training did not reach step 2 (exit code {proc.exitcode})"
+        files = {p.name: p.read_bytes() for p in Path(cfg.out_dir).iterdir() if p.is_file()}
+        for resume in (False, True):
+            steps = []
+            message = r"'.*run' is in use: another process holds its training run lock"
+            with pytest.raises(FolderLocked, match=message):
+                train(dataclasses.replace(cfg, steps=4), resume=resume, progress=False, callback=steps.append)
+            assert steps == []
+            assert {p.name: p.read_bytes() for p in Path(cfg.out_dir).iterdir() if p.is_file()} == files
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=60)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    summary = train(dataclasses.replace(cfg, steps=4), resume=True, progress=False)
+    assert (summary["start_step"], summary["step"]) == (1, 4)
 
 
 class NaNAfter(torch.nn.Module):
@@ -285,6 +331,7 @@ def test_training_loss_weighting_and_backends():
         training_loss(model, bridge, x1, t, weighting="uniform")
 
 
+@pytest.mark.slow
 def test_evaluation_writes_images(tmp_path):
     pytest.importorskip("psb_fast.plots")
     cfg = tiny(tmp_path / "run", steps=4, eval_samples=64, eval_nfes=(2, 3))

@@ -50,6 +50,7 @@ def _lagrange(nodes: list[float], j: int, s: float) -> float:
 
 
 @pytest.mark.parametrize("step", [0, 3, 7])
+@pytest.mark.slow
 def test_data_form_tables_match_dop853(step: int) -> None:
     """Phi and C, D of one step by DOP853 on dv/dt = den Y - P (aa x + bb v) in (t, x, v)."""
     order = 2
@@ -86,6 +87,7 @@ def test_data_form_tables_match_dop853(step: int) -> None:
         assert np.allclose(tab.D[step, :, j].numpy(), want, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_data_form_is_exact_when_the_data_estimate_is_constant() -> None:
     """A model whose hop estimate is a fixed point c makes the flow linear: dm/dt = A m + B c.
     The data form then has no extrapolation error (state at 0.999 without the hop, against
@@ -127,6 +129,7 @@ def _error(setting: Setting, nfe: int, m0: torch.Tensor, target: torch.Tensor) -
 
 @pytest.mark.parametrize("variant", ["multistep", "data", "multistep-corrector", "data-corrector"])
 @pytest.mark.parametrize("order", [0, 1, 2])
+@pytest.mark.slow
 def test_convergence_orders(variant: str, order: int) -> None:
     """Pathwise error against the exact flow to T and its exact hop: slope r + 1 for the
     predictors, r + 2 with the corrector (uniform grids, float64 state), capped by the start-up:
@@ -143,6 +146,7 @@ def test_convergence_orders(variant: str, order: int) -> None:
     assert slope > expected - 0.45, (errs, slope)
 
 
+@pytest.mark.slow
 def test_sampler_variant_matches_the_tuning_loop_and_is_checked() -> None:
     mix = GaussianMixture([[1.0, 0.0], [-1.0, 0.5]], [0.2, 0.3])
     model = mix.as_model(BRIDGE)
@@ -184,3 +188,75 @@ def test_every_variant_samples_under_inference_mode() -> None:
         with torch.inference_mode():
             got = sampler.sample(model, m0)
         assert torch.equal(got, want), variant
+
+
+# --- the registry, and the production variants against the oracle's own transcription ----------
+
+from psb_fast import variants  # noqa: E402
+from psb_fast.oracles import mixture_2d_grid  # noqa: E402
+from psb_fast.reference import variants as ref_variants  # noqa: E402
+from psb_fast.reference.sampler import sample_variant  # noqa: E402
+
+
+def test_the_registry_is_the_one_list_of_variants():
+    """VARIANTS (settings, sampler, tuning, CLI choices) derive from the registry's records."""
+    assert VARIANTS == tuple(v.name for v in variants.REGISTRY) == variants.VARIANTS
+    for record in variants.REGISTRY:
+        assert variants.variant(record.name) is record
+        assert (record.form, record.corrector) == ref_variants.VARIANT_FORMS[record.name]
+    with pytest.raises(ValueError, match="variant must be one of"):
+        variants.variant("data-predictor")
+
+
+@pytest.mark.parametrize("form", ["F", "data"])
+@pytest.mark.parametrize("t_end", [None, 0.999])
+def test_tables_match_the_oracle(form, t_end):
+    """psb_fast.variant_tables (RK4 in u on (x, tau v)) against reference/variants.py (Gauss-Legendre
+    in u for the F form, the implicit Gauss method on (x, v) for the data form), 1e-7 relative."""
+    grid = torch.tensor([1e-5, 0.2, 0.45, 0.7, 0.85, 0.97], dtype=torch.float64)
+    got = variant_tables(BRIDGE, grid, 2, form, t_end)
+    Phi, C, D = ref_variants.variant_tables(BRIDGE, grid, 2, form, t_end)
+    for a, b in ((got.Phi, Phi), (got.C, C), (got.D, D)):
+        assert (a - b).abs().max() <= 1e-7 * max(1.0, b.abs().max())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend", ["float64", "cpu"])
+@pytest.mark.parametrize(("order", "hop"), [(3, True), (1, True), (2, False)])
+@pytest.mark.slow
+def test_sampler_matches_the_oracle(variant, backend, order, hop):
+    """PhaseSampler's one step path (the fused phase_step with the transition, the scaled data
+    estimates, the corrector) against reference.sampler.sample_variant (float64 throughout) on the
+    exact drift of a 3 x 3 mixture."""
+    m0 = BRIDGE.sample_prior((64, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = mixture_2d_grid().as_model(BRIDGE)
+    T = 0.8 if hop else 0.95
+    setting = Setting(T, 1.5, order, None, variant)
+    sampler = PhaseSampler(BRIDGE, 8, setting, hop=hop, backend=backend)
+    got = sampler.sample(model, m0.float() if backend == "cpu" else m0).double()
+    want = sample_variant(model, m0, BRIDGE, setting.grid(8, 1e-5), order, variant, hop=hop)
+    assert (got - want).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tuning_rows_match_the_oracle(variant):
+    """tuning.run_settings (the same step path on per-row tensors, float64) against the oracle (to
+    the tables' own accuracy, ~1e-8: RK4 in u against the oracle's Gauss method)."""
+    m0 = BRIDGE.sample_prior((16, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model = mixture_2d_grid().as_model(BRIDGE)
+    settings = [Setting(0.8, 1.5, 2, None, variant), Setting(0.7, 2.0, 1, None, variant)]
+    out = run_settings(model, BRIDGE, m0, 6, settings, max_rows=64)
+    for got, s in zip(out, settings, strict=True):
+        want = sample_variant(model, m0, BRIDGE, s.grid(6, 1e-5), s.order, variant)
+        assert (got - want).abs().max() < 1e-7
+
+
+def test_the_table_cache_is_shared_and_keyed_by_the_bridge():
+    """One cache for the sampler and tuning: a second sampler of the same setting reuses its
+    tables; another bridge gets its own."""
+    setting = Setting(0.8, 1.5, 2, None, "data-corrector")
+    a = PhaseSampler(BRIDGE, 7, setting)
+    b = PhaseSampler(BRIDGE, 7, setting)
+    assert a.tables is b.tables
+    c = PhaseSampler(PhaseBridge(p=2.5), 7, setting)
+    assert c.tables is not a.tables and not torch.equal(c.tables.C, a.tables.C)

@@ -1,9 +1,9 @@
-"""Shared by the fused sampler ops (`psb_fast.ops.phase_step`, `psb_fast.ops.sde_step`): argument
-checks, the in-place CPU path and the write-back of the "reference" backend.
+"""Shared by the fused sampler ops (`psb_fast.ops.phase_step`, `psb_fast.ops.sde_step`): the state's
+shape checks (scalars: `psb_fast.checks`), the in-place CPU path and the float64 write-back.
 
 The phase state is m = [x | v], [B, 2C, ...] (x = m[:, :C], v = m[:, C:]); model outputs F
 have x's shape [B, C, ...] and m's dtype and device. Storage dtypes: float32, bfloat16,
-float16; element math is float32 (float64 for "reference"); per-step scalars are float64
+float16; element math is float32 (float64 for "float64"); per-step scalars are float64
 (docs/math.md §12).
 
 Backends of the ops:
@@ -13,7 +13,7 @@ Backends of the ops:
 - "cpu": in-place float32 torch ops (x.add_(v, alpha=h), x.add_(F, alpha=c), ...), source-
   major over chunks that stay in the last-level cache, each op parallelized by torch
   (`_cpu_affine`);
-- "reference": plain float64 torch (`psb_fast.ops.float64`; the hop is
+- "float64": plain float64 torch (`psb_fast.ops.float64`; the hop is
   `PhaseBridge.estimate_x1`), written back into m (`_write_back`);
 - "auto": "triton" for CUDA tensors, "cpu" otherwise.
 
@@ -33,10 +33,12 @@ from collections.abc import Sequence
 
 import torch
 
-from ..backends import as_rows, check_storage, real_scalar, row_view
+from ..backends import as_rows, check_storage, row_view
 from ..bridge import split_phase
 
 CPU_CHUNK = 1 << 20  # elements of x per chunk of the CPU path (x, v and one source: 12 MiB in float32)
+#: A step's transition of (x, v): a float h for the F form [[1, h], [0, 1]], or (p_xx, p_xv, p_vx, p_vv).
+Transition = float | tuple[float, float, float, float]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -60,30 +62,16 @@ def _check_like_x(name: str, t: torch.Tensor, m: torch.Tensor, x_shape: tuple[in
         raise ValueError(f"{name} must be on m's device {m.device}, got {t.device}")
 
 
-def _real(name: str, value: object) -> float:
-    """value as a finite float (Python/NumPy real number or a one-element real tensor)."""
-    value = real_scalar(name, value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _step_size(name: str, value: object) -> float:
-    h = _real(name, value)
-    if h < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {h}")
-    return h
-
-
 # ----------------------------------------------------------------------------- CPU fast path
 
 
 def _cpu_affine(
-    m: torch.Tensor, h: float, terms: Sequence[tuple[torch.Tensor | None, float, float]],
+    m: torch.Tensor, h: Transition, terms: Sequence[tuple[torch.Tensor | None, float, float]],
     views: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """In place: x <- x + h v + sum_k a_k S_k;  v <- v + sum_k b_k S_k, for terms (S_k, a_k, b_k).
+    """In place: (x, v) <- Phi (x, v) + sum_k (a_k, b_k) S_k, for terms (S_k, a_k, b_k).
 
+    h: the transition Phi, a float h for [[1, h], [0, 1]] (the F form) or (p_xx, p_xv, p_vx, p_vv).
     Sources S_k have x's shape (a None source must have a = b = 0; zero coefficients are
     skipped). In-place float32 ops, source-major (x and v stay in cache while each S_k is read
     once), over chunks of about CPU_CHUNK elements of x (whole rows, or a row's columns) so
@@ -99,13 +87,7 @@ def _cpu_affine(
         # One chunk holds the whole state: the same ops on m's own views of x and v (no reshaping;
         # a sampler loop calls this every step on small states, where the per-call work counts).
         x, v = split_phase(m) if views is None else views
-        if h != 0.0:
-            x.add_(v, alpha=h)
-        for S, a, b in terms:
-            if a != 0.0:
-                x.add_(S, alpha=a)
-            if b != 0.0:
-                v.add_(S, alpha=b)
+        _affine(x, v, h, terms)
         return m
     view = row_view(m, B, 2 * n)
     rows = m.contiguous().view(B, 2 * n) if view is None else view
@@ -120,20 +102,52 @@ def _cpu_affine(
         x = rows[b0:b1, j0:j1]
         v = rows[b0:b1, n + j0 : n + j1]
         x32, v32 = (x.float(), v.float()) if widen else (x, v)
-        if h != 0.0:
-            x32.add_(v32, alpha=h)
-        for S, a, b in terms:
-            chunk = S[b0:b1, j0:j1]
-            if a != 0.0:
-                x32.add_(chunk, alpha=a)
-            if b != 0.0:
-                v32.add_(chunk, alpha=b)
+        _affine(x32, v32, h, [(S[b0:b1, j0:j1], a, b) for S, a, b in terms])
         if widen:
             x.copy_(x32)
             v.copy_(v32)
     if view is None:
         m.copy_(rows.view_as(m))
     return m
+
+
+def _affine(
+    x: torch.Tensor, v: torch.Tensor, h: Transition, terms: Sequence[tuple[torch.Tensor | None, float, float]]
+) -> None:
+    """(x, v) <- Phi (x, v) + sum_k (a_k, b_k) S_k in place, float32 (docs/math.md §7.4, "One step path").
+
+    F form (h a float): x += h v, then the sources: the published update's ops. A full transition
+    (a, b, c, d) with d != 0 and det = a d - b c != 0 takes no temporary: v~ = v + (c/d) x and
+    x~ = x + (b d / det) v~, the sources added with their coefficients divided by the scales
+    s_x = det / d and s_v = d, and finally x = s_x x~, v = s_v v~ (equal to a x + b v and
+    c x + d v in exact arithmetic; scaling keeps the relative rounding of x~ and v~).
+    """
+    sx = sv = 1.0
+    if not isinstance(h, tuple):
+        if h != 0.0:
+            x.add_(v, alpha=h)
+    else:
+        a, b, c, d = h
+        det = a * d - b * c
+        if d != 0.0 and det != 0.0:
+            if c != 0.0:
+                v.add_(x, alpha=c / d)
+            if b != 0.0:
+                x.add_(v, alpha=b * d / det)
+            sx, sv = det / d, d
+        else:  # a singular or v-annihilating transition: with a temporary
+            x_new = x * a + v * b
+            v.mul_(d).add_(x, alpha=c)
+            x.copy_(x_new)
+    for S, a_k, b_k in terms:
+        if a_k != 0.0:
+            x.add_(S, alpha=a_k if sx == 1.0 else a_k / sx)
+        if b_k != 0.0:
+            v.add_(S, alpha=b_k if sv == 1.0 else b_k / sv)
+    if sx != 1.0:
+        x.mul_(sx)
+    if sv != 1.0:
+        v.mul_(sv)
 
 
 def _write_back(m: torch.Tensor, x_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:

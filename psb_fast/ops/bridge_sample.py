@@ -7,7 +7,7 @@ Backends (docs/math.md §12):
                  whole batch.
     "cpu"        fused PyTorch path: noise drawn straight into the output buffer, then transformed
                  in place (float32 element math). Works on any device; meant for CPU.
-    "reference"  psb_fast.ops.float64.bridge_sample (plain float64 torch math).
+    "float64"    psb_fast.ops.float64.bridge_sample (plain float64 torch math).
     "auto"       "triton" for CUDA tensors, "cpu" otherwise.
 With eps given, all backends compute the same numbers up to float32 rounding; the noise streams
 drawn from a seed differ between backends (same distribution).
@@ -19,9 +19,17 @@ import math
 
 import torch
 
-from ..backends import all_finite, check_storage, first_nonfinite, kernel_module, resolve_backend
+from .. import checks
+from ..backends import (
+    all_finite,
+    check_no_grad,
+    check_storage,
+    first_nonfinite,
+    kernel_module,
+    resolve_backend,
+)
 from ..bridge import PhaseBridge, check_t
-from ..seeds import row_seed
+from ..seeds import check_seed, row_seed
 from . import float64 as f64
 
 # The [8, B] float64 coefficient rows of the fused data path (cpu and triton): row k holds
@@ -49,16 +57,16 @@ def bridge_sample(
         x1: data [B, C, ...] (B rows, >= 2 dims), float32 / bfloat16 / float16, any strides.
         t: times [B] on x1's device, finite, in [0, 1).
         seed: noise seed, 0 <= seed < 2**63; None draws one from torch's default generator.
-        backend: "auto", "triton", "cpu" or "reference".
+        backend: "auto", "triton", "cpu" or "float64" ("reference", its old name, warns).
         eps: optional noise (eps_x, eps_v), each of x1's shape and device, floating: used
             instead of drawing (deterministic debug path; seed is then ignored).
         row_offset: index of x1's first row in a larger batch (e.g. rank * B under torchrun).
             triton: the noise of row b is that of row row_offset + b of the whole batch; cpu and
-            reference: row_offset is mixed into the seed, so chunks get independent noise.
+            float64: row_offset is mixed into the seed, so chunks get independent noise.
 
     Returns:
         m_t = [x_t | v_t] of shape [B, 2C, ...] and label of shape [B, C, ...], contiguous, in
-        x1's dtype (element math float32, reference float64). Not differentiable.
+        x1's dtype (element math float32, float64 for "float64"). Not differentiable.
 
     Raises:
         TypeError / ValueError on bad arguments, before any kernel runs. For CPU tensors (any
@@ -76,8 +84,7 @@ def bridge_sample(
         raise ValueError(f"x1 must be [B, C, ...] with at least 2 dims, got shape {tuple(x1.shape)}")
     t64 = _check_times(t, x1)
     seed = _check_seed(seed, draw=eps is None)
-    if isinstance(row_offset, bool) or not isinstance(row_offset, int) or row_offset < 0:
-        raise ValueError(f"row_offset must be an int >= 0, got {row_offset!r}")
+    row_offset = checks.count("row_offset", row_offset, 0)
     if eps is not None:
         eps = _check_eps(eps, x1)
     name = resolve_backend(backend, x1)
@@ -86,7 +93,7 @@ def bridge_sample(
         for label, e in zip(("eps_x", "eps_v"), eps or (), strict=False):
             _check_finite(label, e)
 
-    if name == "reference":
+    if name == "float64":
         generator = None
         if eps is None:
             generator = torch.Generator(device=x1.device).manual_seed(row_seed(seed, row_offset))
@@ -152,18 +159,13 @@ def _check_times(t: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"t must have shape [{x1.shape[0]}] (one time per row of x1), got {tuple(t.shape)}")
     if t.device != x1.device:
         raise ValueError(f"t must be on x1's device {x1.device}, got {t.device}")
+    check_no_grad("t", t)
     return check_t(t)
 
 
 def _check_seed(seed: int | None, draw: bool) -> int:
     """A seed in [0, 2**63); None draws one from torch's default generator if `draw`, else is 0."""
-    if seed is None:
-        return int(torch.randint(0, MAX_SEED - 1, ()).item()) if draw else 0
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return seed
+    return check_seed(0 if seed is None and not draw else seed, MAX_SEED, draw_below=MAX_SEED - 1)
 
 
 def _check_eps(
@@ -180,6 +182,7 @@ def _check_eps(
             raise ValueError(f"{name} must have x1's shape {tuple(x1.shape)}, got {tuple(e.shape)}")
         if e.device != x1.device:
             raise ValueError(f"{name} must be on x1's device {x1.device}, got {e.device}")
+        check_no_grad(name, e)
     return eps[0], eps[1]
 
 

@@ -1,7 +1,8 @@
-"""The "reference" backend: the ops in plain float64 PyTorch (slow, simple, deterministic).
+"""The "float64" backend: the ops in plain float64 PyTorch (slow, simple, deterministic).
 
-A production backend (its public name "reference" is API), selected with backend="reference"
-in `bridge_sample`, `phase_step`, `phase_hop`, `sde_step`, `training_loss` and `PhaseSampler`.
+A production backend (called "reference" until that name was given to the oracle alone; the old
+name still selects it, with a warning), selected with backend="float64" in `bridge_sample`,
+`phase_step`, `phase_hop`, `sde_step`, `training_loss` and `PhaseSampler`.
 The dispatch functions (`psb_fast.ops.bridge_sample`, `psb_fast.ops.phase_step`,
 `psb_fast.ops.sde_step`, `psb_fast.train`) validate the arguments, compute the per-step scalars
 (from `PhaseBridge` and the multistep coefficients) and call these element-math functions, which
@@ -60,16 +61,21 @@ def bridge_sample(
     return torch.cat([x_t, v_t], dim=1).to(x1.dtype), label.to(x1.dtype)
 
 
-def ode_step(
-    x: torch.Tensor, v: torch.Tensor, h: float,
+def phase_step(
+    x: torch.Tensor, v: torch.Tensor, h: float | tuple[float, float, float, float],
     Cx: Sequence[float], Cv: Sequence[float], F_hist: Sequence[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The multistep update (docs/math.md §7) as new float64 (x', v'); F_hist newest first.
+    """The multistep update (docs/math.md §7.1, §7.4) as new float64 (x', v'); F_hist newest first.
 
-    x' = x + h v + sum_j Cx_j F_j;  v' = v + sum_j Cv_j F_j (empty sequences: x' = x + h v).
+    h: a step size (x' = x + h v, v' = v: the F form) or a transition (p_xx, p_xv, p_vx, p_vv)
+    (x' = p_xx x + p_xv v, v' = p_vx x + p_vv v); then x' += sum_j Cx_j F_j, v' += sum_j Cv_j F_j.
     """
-    x_new = x.double() + h * v.double()
-    v_new = v.double().clone()
+    xd, vd = x.double(), v.double()
+    if isinstance(h, tuple):
+        p_xx, p_xv, p_vx, p_vv = h
+        x_new, v_new = p_xx * xd + p_xv * vd, p_vx * xd + p_vv * vd
+    else:
+        x_new, v_new = xd + h * vd, vd.clone()
     for cx, cv, F in zip(Cx, Cv, F_hist, strict=True):
         x_new = x_new + cx * F.double()
         v_new = v_new + cv * F.double()

@@ -2,8 +2,8 @@
 its float64 scalars (`SDEScalars`: drift coefficients, noise covariance and its Cholesky factor).
 
 Backends: "triton" runs the fused kernel of `psb_fast.kernels.sde_step` (imported on first use;
-Philox noise drawn in the kernel), "cpu" the in-place float32 torch path, "reference" plain
-float64 torch (`psb_fast.ops.float64`); "cpu" and "reference" draw the noise from torch's
+Philox noise drawn in the kernel), "cpu" the in-place float32 torch path, "float64" plain
+float64 torch (`psb_fast.ops.float64`); "cpu" and "float64" draw the noise from torch's
 generator. State layout, storage dtypes, argument checks and aliasing: `psb_fast.ops._common`.
 """
 
@@ -14,30 +14,20 @@ from typing import NamedTuple
 
 import torch
 
-from ..backends import check_no_internal_overlap, kernel_module, resolve_backend, unaliased
+from .. import checks
+from ..backends import check_no_grad, check_no_internal_overlap, kernel_module, resolve_backend, unaliased
 from ..bridge import PhaseBridge, check_t, split_phase
 from ..multistep import multistep_coefficients
+from ..seeds import check_seed
 from . import float64 as f64
-from ._common import _check_like_x, _cpu_affine, _real, _step_size, _write_back, _x_shape
+from ._common import _check_like_x, _cpu_affine, _write_back, _x_shape
 
 SDE_KINDS = ("exact", "em", "sscs_half")
-SEED_LIMIT = 1 << 63
 
 Chol = tuple[float, float, float]
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def _seed(seed: object) -> int:
-    """seed as an int in [0, 2^63); None draws one from torch's default generator."""
-    if seed is None:
-        return int(torch.randint(0, 2**62, (1,)).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
-    return seed
 
 
 def _check_xi(xi: object, m: torch.Tensor, x_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +40,7 @@ def _check_xi(xi: object, m: torch.Tensor, x_shape: tuple[int, ...]) -> tuple[to
             raise ValueError(f"{name} must have m's x-shape {x_shape}, got {tuple(t.shape)}")
         if t.device != m.device:
             raise ValueError(f"{name} must be on m's device {m.device}, got {t.device}")
+        check_no_grad(name, t)
     return xi[0], xi[1]
 
 
@@ -59,7 +50,7 @@ def _check_xi(xi: object, m: torch.Tensor, x_shape: tuple[int, ...]) -> tuple[to
 def _draw_xi(
     x_shape: tuple[int, ...], seed: int, device: torch.device, need_x: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Host-drawn (xi_x, xi_v) for the cpu/reference backends: torch's generator seeded with
+    """Host-drawn (xi_x, xi_v) for the cpu/float64 backends: torch's generator seeded with
     `seed`, xi_v first; xi_x is None unless needed (Euler-Maruyama has Lxx = Lxv = 0)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     xi_v = torch.randn(x_shape, generator=generator, device=device)
@@ -134,7 +125,7 @@ def sde_step(
     Noise: xi = (xi_x, xi_v) tensors of x's shape to supply it (debug/oracle), else drawn from
     `seed` (None: drawn from torch's default generator). "triton" draws Philox numbers keyed
     by (seed, offset + element index), so a chunk of rows [b0, b1) run with offset = b0 * C *
-    prod(rest) reproduces the whole batch's numbers; "cpu" and "reference" draw from torch's
+    prod(rest) reproduces the whole batch's numbers; "cpu" and "float64" draw from torch's
     generator seeded with `seed` (other numbers, same law; offset must be 0).
     F and xi may be views of m: they are copied first (the result is that of the call on copies).
     """
@@ -151,8 +142,8 @@ def sde_step(
         raise ValueError(f"F (the model output at t) is required for kind={kind!r}")
     else:
         _check_like_x("F", F, m, x_shape)
-    t = float(check_t(_real("t", t)))
-    h = _step_size("h", h)
+    t = float(check_t(checks.finite("t", t)))
+    h = checks.step_size("h", h)
     if t + h >= 1.0:
         raise ValueError(f"t + h must be < 1 (the step ends before t = 1), got t={t}, h={h}")
     if (cx is None) != (cv is None):
@@ -160,12 +151,11 @@ def sde_step(
     if cx is not None:
         if kind != "exact":
             raise ValueError(f"cx, cv are only used by kind='exact', got kind={kind!r}")
-        cx, cv = _real("cx", cx), _real("cv", cv)
+        cx, cv = checks.finite("cx", cx), checks.finite("cv", cv)
     if xi is not None:
         xi = _check_xi(xi, m, x_shape)
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be an int >= 0, got {offset!r}")
-    seed = _seed(seed)
+    offset = checks.count("offset", offset, 0)
+    seed = check_seed(seed, draw_below=2**62)
     backend = resolve_backend(backend, m)
     if backend != "triton" and offset != 0 and xi is None:
         raise ValueError(f"offset must be 0 for backend={backend!r} (only 'triton' keys noise by index)")
@@ -222,7 +212,7 @@ def _sde_step_unchecked(
     checked here."""
     h, chol = step.h, step.chol
     if backend == "triton":
-        return kernel_module("sde_step").phase_noise_update(m, F, h, step.drift_x, step.drift_v, chol, seed,
+        return kernel_module("sde_step").sde_step(m, F, h, step.drift_x, step.drift_v, chol, seed,
                                                              offset, xi)
     if chol is not None and xi is None:
         x_shape = (m.shape[0], m.shape[1] // 2, *m.shape[2:])
@@ -236,13 +226,13 @@ def _sde_step_unchecked(
     x, v = split_phase(m)
     drift = ([step.drift_x], [step.drift_v], [F]) if F is not None else ([], [], [])
     if chol is None:  # h = 0: no noise
-        new = (x.double(), v.double()) if F is None else f64.ode_step(x, v, h, *drift)
+        new = (x.double(), v.double()) if F is None else f64.phase_step(x, v, h, *drift)
     elif step.kind == "exact":
-        new = f64.add_noise(*f64.ode_step(x, v, h, *drift), chol, *xi)
+        new = f64.add_noise(*f64.phase_step(x, v, h, *drift), chol, *xi)
     elif step.kind == "em":
         new = f64.em_step(x, v, h, step.N, step.g, F, xi[1])
     else:  # sscs_half: x += h v, then the noise
-        new = f64.add_noise(*f64.ode_step(x, v, h, [], [], []), chol, *xi)
+        new = f64.add_noise(*f64.phase_step(x, v, h, [], [], []), chol, *xi)
     return _write_back(m, *new)
 
 
