@@ -33,7 +33,6 @@ The file is checked when read: a malformed one raises ValueError naming the fiel
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from functools import lru_cache
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from .files import read_json
 from .settings import VARIANTS, Setting
 
 FORMAT = "psb_fast.defaults/3"
@@ -94,12 +94,7 @@ def tuned_grid(nfe: int, t0: float, T: float) -> torch.Tensor:
 
 def load_defaults(path: str | os.PathLike = PATH) -> dict:
     """Read and check a defaults file; returns its payload (module docstring)."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            payload = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    return check_defaults(payload, str(path))
+    return check_defaults(read_json(path, "defaults file"), str(path))
 
 
 def check_defaults(payload: object, where: str = "defaults") -> dict:

@@ -40,6 +40,7 @@ import torch
 from . import checks
 from .bridge import PhaseBridge
 from .checkpoint import write_atomic
+from .files import read_json
 from .progress import progress_bar
 from .seeds import derive_seed
 
@@ -386,10 +387,9 @@ def evaluate_bpd(
     plan_file = out / PLAN
     if plan_file.is_file():
         try:
-            found = json.loads(plan_file.read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"{str(plan_file)!r} is not a readable plan ({err}); remove the folder or "
-                             f"pick another") from err
+            found = read_json(plan_file, "likelihood plan")
+        except ValueError as err:
+            raise ValueError(f"{err}; remove the folder or pick another") from err
         if found != wanted:
             diff = sorted(k for k in wanted if found.get(k) != wanted[k])
             raise ValueError(f"{str(out)!r} holds an evaluation with other settings ({', '.join(diff)} "
@@ -423,9 +423,9 @@ def _read_record(path: Path, rows: int) -> dict | None:
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text())
+        record = read_json(path, "likelihood batch record")
         ok = len(record["nll"]) == rows and len(record["stderr"]) == rows and record["nfe"] >= 1
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError):
         return None
     return record if ok and all(math.isfinite(v) for v in record["nll"]) else None
 

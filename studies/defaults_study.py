@@ -718,13 +718,17 @@ def _validate_table(result: dict) -> str:
              f"{result['problems_with_published_rises']} of {len(result['problems'])}.", ""]
     for label, p in result["per_problem"].items():
         if p["rises"]:
-            lines.append(f"- {label}: " + ", ".join(f"{r['from']}->{r['to']} "
-                                                    f"x{r['ratio']}" for r in p["rises"]))
+            lines.append(f"- {label}: {_rises_text(p['rises'])}")
     lines += ["", "| NFE | rule setting | median ratio | worst ratio | losses |", "|---:|---|---:|---:|---:|"]
     for n, rec in result["nfes"].items():
         lines.append(f"| {n} | {rec['setting']} | {rec['median']:.3f} | {rec['worst']:.2f} | "
                      f"{rec['losses']} |")
     return "\n".join(lines) + "\n"
+
+
+def _rises_text(rises: Sequence[dict]) -> str:
+    """Monotonicity violations as "from->to xratio, ..." ("" for none)."""
+    return ", ".join(f"{r['from']}->{r['to']} x{r['ratio']}" for r in rises)
 
 
 def _trained_table(result: dict) -> str:
@@ -736,8 +740,7 @@ def _trained_table(result: dict) -> str:
              "(published) |", "|---|---|---|---|---:|---|---|"]
     for name, m in result["models"].items():
         gap = next(v for k, v in m["reference"].items() if k.startswith("rmse_nfe"))
-        rises = ", ".join(f"{r['from']}->{r['to']} x{r['ratio']}" for r in m["rises"]) or "none"
-        prises = ", ".join(f"{r['from']}->{r['to']} x{r['ratio']}" for r in m["published_rises"]) or "none"
+        rises, prises = _rises_text(m["rises"]) or "none", _rises_text(m["published_rises"]) or "none"
         lines.append(f"| {name} | {m['kind']} | {m['role']} | {m['architecture']} | {gap:.1e} | {rises} | "
                      f"{prises} |")
     exact = [n for n in names if "network_rmse" in result["models"][n]]

@@ -91,14 +91,8 @@ def build(results: Mapping[str, Mapping | None]) -> dict:
                             for n, s in fit["scores"].items()}}
     validate = results.get("validate")
     if validate is not None:
-        _check_stage(rule, "validate", {n: r["setting"] for n, r in validate["nfes"].items()})
-        provenance["validate"] = {"results": "benchmarks/results/defaults_study/validate.json",
-                                  "command": "python -m studies.defaults_study validate",
-                                  "problems": f"{len(validate['problems'])} generated problems of the "
-                                              f"validate split, {validate['draws']} prior draws each",
-                                  "problems_with_rises": validate["problems_with_rises"]}
-        scores["validate"] = {n: {k: _round(r[k]) for k in ("median", "worst", "losses")}
-                              for n, r in validate["nfes"].items()}
+        provenance["validate"], scores["validate"] = _split_stage(rule, "validate", validate)
+        provenance["validate"]["problems_with_rises"] = validate["problems_with_rises"]
     trained = results.get("trained")
     if trained is not None:
         provenance["trained"] = {"results": "benchmarks/results/defaults_study/trained.json",
@@ -109,15 +103,21 @@ def build(results: Mapping[str, Mapping | None]) -> dict:
                                       for m, r in trained["models"].items()} for n in trained["nfes"]}
     test = results.get("test")
     if test is not None:
-        _check_stage(rule, "test", {n: r["setting"] for n, r in test["nfes"].items()})
-        provenance["test"] = {"results": "benchmarks/results/defaults_study/test.json",
-                              "command": "python -m studies.defaults_study test",
-                              "problems": f"{len(test['problems'])} generated problems of the test split, "
-                                          f"{test['draws']} prior draws each"}
-        scores["test"] = {n: {k: _round(r[k]) for k in ("median", "worst", "losses")}
-                          for n, r in test["nfes"].items()}
+        provenance["test"], scores["test"] = _split_stage(rule, "test", test)
     return {"format": FORMAT, "command": COMMAND, "about": ABOUT, "rule": rule, "provenance": provenance,
             "scores": scores}
+
+
+def _split_stage(rule: dict, stage: str, result: dict) -> tuple[dict, dict]:
+    """(provenance, scores) of a stage scored on a split of generated problems ("validate", "test"),
+    after checking that it scored this rule."""
+    _check_stage(rule, stage, {n: r["setting"] for n, r in result["nfes"].items()})
+    provenance = {"results": f"benchmarks/results/defaults_study/{stage}.json",
+                  "command": f"python -m studies.defaults_study {stage}",
+                  "problems": f"{len(result['problems'])} generated problems of the {stage} split, "
+                              f"{result['draws']} prior draws each"}
+    scores = {n: {k: _round(r[k]) for k in ("median", "worst", "losses")} for n, r in result["nfes"].items()}
+    return provenance, scores
 
 
 def _round(x: float) -> float | int:

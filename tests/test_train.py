@@ -155,6 +155,14 @@ def _train_until_signalled(cfg: TrainConfig, ready: Path, result: Path) -> None:
     result.write_text(json.dumps({"step": summary["step"], "stopped": summary["stopped"]}))
 
 
+def _wait_for_step_2(proc, ready: Path) -> None:
+    """Wait (at most 120 s) until the forked trainer marks `ready` at step 2."""
+    deadline = time.monotonic() + 120
+    while not ready.exists() and proc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), f"training did not reach step 2 (exit code {proc.exitcode})"
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="forks the training process (Linux)")
 @pytest.mark.slow
 def test_sigterm_from_outside_in_a_subprocess(tmp_path):
@@ -164,10 +172,7 @@ def test_sigterm_from_outside_in_a_subprocess(tmp_path):
     proc = ctx.Process(target=_train_until_signalled, args=(cfg, ready, result))
     proc.start()
     try:
-        deadline = time.monotonic() + 120
-        while not ready.exists() and proc.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert ready.exists(), f"training did not reach step 2 (exit code {proc.exitcode})"
+        _wait_for_step_2(proc, ready)
         os.kill(proc.pid, signal.SIGTERM)
         proc.join(timeout=120)
     finally:
@@ -203,10 +208,7 @@ def test_a_second_trainer_on_the_same_out_dir_is_refused_until_the_first_dies(tm
     proc = multiprocessing.get_context("fork").Process(target=_train_and_stall, args=(cfg, ready))
     proc.start()
     try:
-        deadline = time.monotonic() + 120
-        while not ready.exists() and proc.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert ready.exists(), f"training did not reach step 2 (exit code {proc.exitcode})"
+        _wait_for_step_2(proc, ready)
         files = {p.name: p.read_bytes() for p in Path(cfg.out_dir).iterdir() if p.is_file()}
         for resume in (False, True):
             steps = []
